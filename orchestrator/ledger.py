@@ -160,6 +160,15 @@ CREATE TABLE IF NOT EXISTS charges (
     detail_json TEXT NOT NULL DEFAULT '{}',
     recorded_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS gpu_health (
+    host TEXT NOT NULL,
+    gpu TEXT NOT NULL,
+    run_id TEXT,
+    arm TEXT,
+    sample_json TEXT NOT NULL,         -- orchestrator.telemetry.gpu.GpuSample as a dict
+    at REAL NOT NULL,
+    PRIMARY KEY (host, gpu)
+);
 CREATE INDEX IF NOT EXISTS arm_runs_by_run ON arm_runs(run_id);
 CREATE INDEX IF NOT EXISTS attempts_by_arm_run ON attempts(arm_run_id);
 CREATE INDEX IF NOT EXISTS transitions_by_arm_run ON transitions(arm_run_id);
@@ -397,6 +406,23 @@ class Ledger:
     def events(self, run_id: str, kind_prefix: str = "") -> list[dict]:
         return self.query("SELECT * FROM events WHERE run_id=? AND kind LIKE ? ORDER BY id",
                           (run_id, kind_prefix + "%"))
+
+    # ---- GPU health (latest sample per host and GPU, for the exporter and the watchdog) ----
+
+    def record_health(self, samples: list[dict], run_id: str | None = None, arm: str | None = None) -> None:
+        if not samples:
+            return
+        with self.write() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO gpu_health(host, gpu, run_id, arm, sample_json, at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(s["host"], str(s["gpu"]), run_id, arm, json.dumps(s), s.get("at") or time.time())
+                 for s in samples])
+
+    def latest_health(self, max_age_s: float | None = None) -> list[dict]:
+        rows = self.query("SELECT * FROM gpu_health ORDER BY host, gpu")
+        if max_age_s is not None:
+            rows = [r for r in rows if r["at"] >= time.time() - max_age_s]
+        return rows
 
     # ---- instances and charges ---------------------------------------------
 
