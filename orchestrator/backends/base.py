@@ -41,6 +41,7 @@ class AttemptSpec:
     gpu_memory_gb: float | None = None
     upstream_dirs: dict[str, str] = field(default_factory=dict)  # config field -> local folder of its artifact
     env: dict[str, str] = field(default_factory=dict)            # extra environment for the trainer
+    adopt: bool = False                # the attempt row exists from an orchestrator that died: reattach if alive
 
 
 @dataclass
