@@ -64,8 +64,9 @@ CREATE TABLE IF NOT EXISTS arm_runs (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     arm TEXT NOT NULL,
     seed INTEGER NOT NULL,
+    trainer TEXT NOT NULL,                     -- module under trainers/ (upstream runs differ from the run's)
     kind TEXT NOT NULL DEFAULT 'arm',          -- 'arm' or 'upstream'
-    upstream_ids TEXT NOT NULL DEFAULT '[]',   -- JSON list of arm_runs.id this one waits for
+    upstream_ids TEXT NOT NULL DEFAULT '{}',   -- JSON {config key for its folder: arm_runs.id} waited for
     config_json TEXT NOT NULL,
     config_hash TEXT NOT NULL,
     out_dir TEXT NOT NULL,
@@ -298,14 +299,18 @@ class Ledger:
 
     def add_arm_run(self, run_id: str, *, arm: str, seed: int, kind: str, config: dict, config_hash: str,
                     out_dir: str, total_steps: int | None, gpus: float, cpus: float,
-                    gpu_memory_gb: float | None, upstream_ids: list[int] = ()) -> int:
+                    gpu_memory_gb: float | None, upstream_ids: dict[str, int] | None = None,
+                    trainer: str | None = None) -> int:
+        """Plan an arm run; `trainer` defaults to the run's trainer (upstream runs name their own)."""
         now = time.time()
         with self.write() as db:
+            if trainer is None:
+                trainer = db.execute("SELECT trainer FROM runs WHERE run_id=?", (run_id,)).fetchone()["trainer"]
             cur = db.execute(
-                "INSERT INTO arm_runs(run_id, arm, seed, kind, upstream_ids, config_json, config_hash, out_dir,"
+                "INSERT INTO arm_runs(run_id, arm, seed, trainer, kind, upstream_ids, config_json, config_hash, out_dir,"
                 " total_steps, gpus, cpus, gpu_memory_gb, state, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (run_id, arm, seed, kind, json.dumps(list(upstream_ids)), json.dumps(config, sort_keys=True),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (run_id, arm, seed, trainer, kind, json.dumps(upstream_ids or {}), json.dumps(config, sort_keys=True),
                  config_hash, out_dir, total_steps, gpus, cpus, gpu_memory_gb, now, now))
             arm_run_id = cur.lastrowid
             db.execute("INSERT INTO transitions(arm_run_id, from_state, to_state, reason, at)"

@@ -39,7 +39,8 @@ class AttemptSpec:
     gpus: float = 0.0                  # GPUs wanted (fractions allowed)
     cpus: float = 1.0
     gpu_memory_gb: float | None = None
-    upstream_dirs: dict[str, str] = field(default_factory=dict)  # config field -> local folder of its artifact
+    upstream_dirs: dict[str, str] = field(default_factory=dict)  # config key to set (e.g. tokenizer_dir) -> local
+                                                                 # folder of that upstream run (artifact.pt inside)
     env: dict[str, str] = field(default_factory=dict)            # extra environment for the trainer
     adopt: bool = False                # the attempt row exists from an orchestrator that died: reattach if alive
 

@@ -1,0 +1,63 @@
+# armature: `make ablation` and `make test` set up everything they need on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARMS ?= arms/maskgit.yaml
+BACKEND ?=
+ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: ablation test bench cost-report monitor exporter reap cloud-sim system-deps venv clean
+
+# torch is pinned to the CPU build on disk (an unpinned torch pulls GBs of CUDA packages);
+# on a GPU machine install a CUDA build of the same version into .venv first.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real Prometheus (dashboards and alert rules are tested against it) and OpenSSH (the Vast
+# simulator's instances are real sshd processes). Installed only where missing.
+system-deps:
+	@missing=""; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	test -x /usr/sbin/sshd || missing="$$missing openssh-server"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+ablation: $(STAMP)
+	$(VENV)/bin/armature ablation $(ARMS) $(if $(BACKEND),--backend $(BACKEND)) $(ARGS)
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+bench: $(STAMP) system-deps
+	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+cost-report: $(STAMP)
+	$(VENV)/bin/armature cost $(ARGS)
+
+exporter: $(STAMP)
+	$(VENV)/bin/armature exporter $(ARGS)
+
+reap: $(STAMP)
+	$(VENV)/bin/armature reap $(ARGS)
+
+monitor:
+	docker compose -f infra/docker-compose.yml up -d
+	@echo "Grafana: http://localhost:3000  (Prometheus: http://localhost:9090)"
+
+cloud-sim: $(STAMP) system-deps
+	$(PY) -m infra.vastsim --port 8765 --state-dir runs/vastsim
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,201 @@
+"""Run attempts on this machine's GPUs or CPUs (or an existing Ray cluster) through Ray.
+
+Each attempt is a Ray task asking for the arm's CPUs and GPUs (fractions
+allowed). The task starts the trainer as a child process in its own process
+group, pinned with CUDA_VISIBLE_DEVICES, and streams events back to the
+driver: the pid, new metrics.jsonl lines, the outcome. The driver is the only
+writer of the ledger, so tasks on other nodes need no access to it.
+
+Stopping: the driver marks the attempt in a small `StopBoard` actor; the task
+sees it within half a second, sends SIGTERM to the trainer's process group
+(the trainer checkpoints and exits 143) and reports the outcome.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
+from orchestrator.metrics_tail import JsonlTail, log_tail
+from orchestrator.paths import REPO_ROOT
+
+EXIT_DIVERGED = 3                      # trainers/common.py: the trainer contract
+STOP_GRACE_SECONDS = 120               # a trainer gets this long to checkpoint after SIGTERM
+POLL_SECONDS = 0.5
+
+
+@ray.remote(num_cpus=0)
+class StopBoard:
+    """Which attempts the driver wants stopped."""
+
+    def __init__(self):
+        self.stopped: set[int] = set()
+
+    def stop(self, attempt_id: int) -> None:
+        self.stopped.add(attempt_id)
+
+    def should_stop(self, attempt_id: int) -> bool:
+        return attempt_id in self.stopped
+
+
+def _die_with_parent() -> None:
+    """In the trainer child: start a new session, and get SIGTERM if the Ray worker dies."""
+    os.setsid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a pid (field 22 of /proc/pid/stat), to tell a live trainer from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _hardware(gpu_ids: list) -> str:
+    if not gpu_ids:
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        return f"cpu ({models[0]})" if models else "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i",
+                              ",".join(str(g) for g in gpu_ids)], capture_output=True, text=True, timeout=10)
+        names = sorted(set(out.stdout.split("\n")) - {""})
+        return ", ".join(names) or "gpu"
+    except (OSError, subprocess.SubprocessError):
+        return "gpu"
+
+
+def _attempt_task(spec: AttemptSpec, board):
+    """A Ray streaming task: run the trainer, yield events, end with {"kind": "result", ...}."""
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dict(spec.config)
+    config.update(spec.upstream_dirs)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    env = {**os.environ, **spec.env,
+           "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids),
+           "OMP_NUM_THREADS": str(max(1, int(spec.cpus))),
+           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": "1"}
+    with open(out / "log", "ab") as log:
+        log.write(f"\n=== attempt {spec.attempt_id} on {socket.gethostname()} at {time.ctime()} ===\n".encode())
+        log.flush()
+        child = subprocess.Popen(
+            [sys.executable, "-m", f"trainers.{spec.trainer}", "--config", str(out / "config.json"), "--out", str(out)],
+            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
+    yield {"kind": "attempt", "pid": child.pid, "pid_start_time": process_start_time(child.pid),
+           "host": socket.gethostname(), "hardware": _hardware(gpu_ids), "gpu_index": ",".join(gpu_ids) or None}
+    yield {"kind": "state", "state": "running", "reason": None}
+
+    metrics = JsonlTail(out / "metrics.jsonl")
+    stop_sent_at = None
+    try:
+        while True:
+            code = child.poll()
+            rows = metrics.read_new()
+            if rows:
+                yield {"kind": "metrics", "rows": rows}
+            if code is not None:
+                break
+            if stop_sent_at is None and ray.get(board.should_stop.remote(spec.attempt_id)):
+                os.killpg(child.pid, signal.SIGTERM)
+                stop_sent_at = time.time()
+            elif stop_sent_at is not None and time.time() - stop_sent_at > STOP_GRACE_SECONDS:
+                os.killpg(child.pid, signal.SIGKILL)
+            time.sleep(POLL_SECONDS)
+    finally:
+        if child.poll() is None:            # the task itself is being torn down: let the trainer checkpoint
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+
+    end_step = metrics.last_step
+    if code == 0:
+        result = AttemptResult("succeeded", code, None, end_step)
+    elif code == EXIT_DIVERGED:
+        result = AttemptResult("diverged", code, "loss became NaN or inf", end_step)
+    elif stop_sent_at is not None:
+        result = AttemptResult("interrupted", code, "stopped", end_step)
+    else:
+        result = AttemptResult("failed", code, f"trainer exited {code}: {log_tail(out / 'log')}", end_step)
+    yield {"kind": "result", "result": result}
+
+
+class LocalBackend:
+    """The `local` backend: this machine through a Ray it starts, or an existing Ray cluster."""
+
+    name = "local"
+
+    def __init__(self, ray_address: str | None = None, num_cpus: int | None = None):
+        self.ray_address = ray_address or os.environ.get("RAY_ADDRESS")
+        self.num_cpus = num_cpus
+        self._board = None
+        self._started_ray = False
+        self._task = ray.remote(_attempt_task)
+
+    def start(self) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if not ray.is_initialized():
+            quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False,
+                         configure_logging=True)
+            if self.ray_address:
+                ray.init(address=self.ray_address, **quiet)
+            else:
+                ray.init(num_cpus=self.num_cpus or os.cpu_count(), **quiet)
+                self._started_ray = True
+        self._board = StopBoard.remote()
+
+    def resources(self) -> dict:
+        return ray.cluster_resources()
+
+    def run_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
+        task = self._task.options(num_cpus=spec.cpus, num_gpus=spec.gpus, num_returns="streaming")
+        stream = task.remote(spec, self._board)
+        done = threading.Event()
+        threading.Thread(target=self._forward_stop, args=(spec.attempt_id, stop, done), daemon=True).start()
+        result = AttemptResult("lost", None, "the Ray task ended without a result")
+        try:
+            for ref in stream:
+                event = ray.get(ref)
+                if event["kind"] == "result":
+                    result = event["result"]
+                else:
+                    emit(event)
+        except ray.exceptions.RayError as exc:
+            result = AttemptResult("lost", None, f"Ray task lost: {type(exc).__name__}: {str(exc)[:300]}")
+        finally:
+            done.set()
+        return result
+
+    def _forward_stop(self, attempt_id: int, stop: threading.Event, done: threading.Event) -> None:
+        while not stop.wait(POLL_SECONDS):
+            if done.is_set():
+                return
+        try:
+            ray.get(self._board.stop.remote(attempt_id))
+        except ray.exceptions.RayError:
+            pass                    # Ray is shutting down: the trainer gets SIGTERM when its worker dies
+
+    def shutdown(self) -> None:
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()

@@ -1,0 +1,369 @@
+"""The `armature` command line (also `python -m orchestrator`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import paths
+from orchestrator.errors import UserError
+from orchestrator.ledger import FINAL_STATES, Ledger
+
+DEFAULT_EXPORTER_PORT = 9108
+DEFAULT_ABLATION_METRICS_PORT = 9109
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="armature", description="Ablation studies of small generative models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ablation", help="run every arm x seed of a spec")
+    p.add_argument("arms", metavar="ARMS.yaml")
+    p.add_argument("--backend", choices=["local", "vast"], help="overrides the spec's backend")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the spec with a dotted key, e.g. --set base.steps=2000 --set seeds=3")
+    p.add_argument("--run-id", help="name the run (default <study>-<date>-<time>)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; run nothing")
+    p.add_argument("--yes", action="store_true", help="accept a large grid")
+    p.add_argument("--ray-address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_ABLATION_METRICS_PORT,
+                   help="Prometheus exporter port while the run lasts (0: pick a free one; -1: none)")
+    p.add_argument("--allow-dirty", action="store_true", help="vast: ship uncommitted changes as a patch")
+    p.set_defaults(func=cmd_ablation)
+
+    p = sub.add_parser("validate", help="validate a spec and print the expanded plan")
+    p.add_argument("arms", metavar="ARMS.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--yes", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("status", help="arms and their states; all runs when no id")
+    p.add_argument("run_id", nargs="?")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("resume", help="continue what is unfinished, from the last checkpoints")
+    p.add_argument("run_id")
+    p.add_argument("--ray-address")
+    p.add_argument("--metrics-port", type=int, default=DEFAULT_ABLATION_METRICS_PORT)
+    p.add_argument("--allow-dirty", action="store_true")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("cancel", help="stop a run's arms and tear its instances down")
+    p.add_argument("run_id")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("report", help="(re)write results.md, results.csv and plots/")
+    p.add_argument("run_id")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("cost", help="what studies, arms and attempts cost, and the waste")
+    p.add_argument("--run", help="one run")
+    p.add_argument("--since", help="runs created on or after this date (YYYY-MM-DD)")
+    p.add_argument("--until", help="runs created before this date (YYYY-MM-DD)")
+    p.add_argument("--backend", choices=["local", "vast"])
+    p.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("reap", help="destroy instances labelled as ours that no live run owns")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(func=cmd_reap)
+
+    p = sub.add_parser("exporter", help="serve GPU health and ledger state to Prometheus")
+    p.add_argument("--port", type=int, default=DEFAULT_EXPORTER_PORT)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_exporter)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the arms YAML")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as exc:
+        print(f"armature: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---- ablation and resume ------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from orchestrator.planview import print_plan
+    from orchestrator.spec import load_plan
+
+    plan = load_plan(args.arms, args.set, args.yes)
+    print_plan(plan, Console())
+    return 0
+
+
+def cmd_ablation(args) -> int:
+    from orchestrator.gitinfo import code_version
+    from orchestrator.planview import estimate_event, print_plan
+    from orchestrator.runs import check_run_id, create_run, new_run_id
+    from orchestrator.spec import load_plan
+
+    sets = args.set + ([f"backend={args.backend}"] if args.backend else [])
+    plan = load_plan(args.arms, sets, args.yes)
+    backend_name = plan.study.backend
+    console = Console()
+    print_plan(plan, console)
+    if args.dry_run:
+        return 0
+    ledger = Ledger(paths.ledger_path())
+    run_id = args.run_id or new_run_id(plan.study.name)
+    run_dir = paths.run_dir(run_id)
+    check_run_id(ledger, run_id, run_dir)
+
+    backend = _make_backend(backend_name, plan.study, ledger, run_id, run_dir, args)
+    backend.start()
+    try:
+        gpus = _arm_gpus(backend, plan.study)
+        create_run(ledger, plan, run_id, run_dir, backend_name, code_version(), gpus)
+        estimate_event(ledger, run_id, plan, gpus)
+        console.print(f"run [bold]{run_id}[/bold]  ({run_dir})")
+        return _execute(ledger, run_id, plan.study, backend, run_dir, args, console)
+    finally:
+        backend.shutdown()
+
+
+def cmd_resume(args) -> int:
+    from orchestrator.runs import orchestrator_alive, settle_orphans
+    from orchestrator.spec import Study
+    import yaml
+
+    ledger = Ledger(paths.ledger_path(), create=False)
+    run = ledger.get_run(args.run_id)
+    if orchestrator_alive(run):
+        raise UserError(f"run {args.run_id} is being driven by pid {run['orchestrator_pid']}; "
+                        f"`armature cancel {args.run_id}` stops it")
+    if run["state"] in ("finished", "cancelled"):
+        raise UserError(f"run {args.run_id} is {run['state']}; nothing to resume")
+    run_dir = paths.run_dir(args.run_id)
+    spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    study = Study.model_validate({k: v for k, v in spec.items() if k not in ("source", "git")})
+    adopt = settle_orphans(ledger, args.run_id)
+    backend = _make_backend(run["backend"], study, ledger, args.run_id, run_dir, args)
+    backend.start()
+    try:
+        return _execute(ledger, args.run_id, study, backend, run_dir, args, Console(), adopt=adopt)
+    finally:
+        backend.shutdown()
+
+
+def _make_backend(name: str, study, ledger: Ledger, run_id: str, run_dir: Path, args):
+    if name == "vast":
+        from orchestrator.backends.vast.backend import VastBackend
+        from orchestrator.backends.vast.config import VastConfig
+        return VastBackend(ledger, run_id, run_dir, VastConfig.model_validate(study.vast),
+                           study.budget.max_dollars, allow_dirty=args.allow_dirty)
+    from orchestrator.backends.local import LocalBackend
+    return LocalBackend(ray_address=args.ray_address or study.ray_address)
+
+
+def _arm_gpus(backend, study) -> float:
+    """GPUs per arm run after the memory guard; 0 where there is no GPU (the arms run on CPU)."""
+    from orchestrator.runs import gpu_share
+    from orchestrator.telemetry.gpu import LocalGpus
+
+    wanted = study.resources.gpus
+    if backend.name != "local":
+        return wanted
+    if backend.resources().get("GPU", 0) == 0:
+        return 0.0
+    gpus = LocalGpus()
+    card = gpus.memory_total_bytes(0) if gpus.available else None
+    return gpu_share(wanted, study.resources.gpu_memory_gb, card / 1e9 if card else None)
+
+
+def _max_concurrent(backend, study, gpus: float) -> int | None:
+    """Local: as many arm runs at once as the cluster's CPUs (and GPUs) hold, so none waits inside Ray."""
+    if backend.name != "local":
+        return None
+    resources = backend.resources()
+    slots = int(resources.get("CPU", 1) // study.resources.cpus) or 1
+    if gpus:
+        slots = min(slots, int(resources.get("GPU", 0) // gpus) or 1)
+    return slots
+
+
+def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, console: Console,
+             adopt: dict | None = None) -> int:
+    from orchestrator.progress import Progress
+    from orchestrator.scheduler import Scheduler
+    from orchestrator.telemetry.gpu import LocalGpus
+
+    progress = Progress(study.metric.name, console)
+    for arm_run in ledger.arm_runs(run_id):
+        progress.add(arm_run["id"], arm_run["arm"], arm_run["seed"], arm_run["total_steps"], arm_run["state"],
+                     arm_run["last_step"])
+    gpus = max((r["gpus"] for r in ledger.arm_runs(run_id)), default=0)
+    scheduler = Scheduler(ledger, run_id, study, backend, run_dir, progress=progress, local_gpus=LocalGpus(),
+                          max_concurrent=_max_concurrent(backend, study, gpus))
+    scheduler.adopt = adopt or {}
+    exporter = _start_exporter(args.metrics_port, console)
+
+    def on_sigint(signum, frame):
+        if scheduler.interrupted:
+            raise KeyboardInterrupt
+        console.print("[yellow]stopping: trainers checkpoint and exit (Ctrl-C again to stop waiting)[/yellow]")
+        scheduler.interrupt()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGTERM, on_sigint)
+    progress.start()
+    try:
+        state = scheduler.run()
+    finally:
+        progress.stop()
+        signal.signal(signal.SIGINT, previous)
+        if exporter is not None:
+            exporter.stop()
+    from orchestrator.report import write_report
+    write_report(ledger, run_id, run_dir, console=console)
+    console.print(f"run {run_id}: {state}; results in {run_dir / 'results.md'}")
+    if state == "interrupted":
+        console.print(f"continue with: armature resume {run_id}")
+        return 130
+    failed = [r for r in ledger.arm_runs(run_id) if r["state"] in ("failed", "cancelled")]
+    return 1 if failed and state == "finished" else 0
+
+
+def _start_exporter(port: int, console: Console):
+    if port < 0:
+        return None
+    from orchestrator.telemetry.exporter import Exporter
+
+    exporter = Exporter(paths.ledger_path(), port=port)
+    try:
+        exporter.start()
+    except OSError as exc:
+        console.print(f"[yellow]metrics exporter not started on port {port}: {exc.strerror}; "
+                      f"use --metrics-port[/yellow]")
+        return None
+    console.print(f"metrics for Prometheus on http://127.0.0.1:{exporter.port}/metrics")
+    return exporter
+
+
+# ---- reading the ledger -----------------------------------------------------------
+
+
+def cmd_status(args) -> int:
+    ledger = Ledger(paths.ledger_path(), create=False)
+    console = Console()
+    if args.run_id is None:
+        table = Table(title="runs")
+        for column in ("run", "trainer", "backend", "state", "arm runs", "created"):
+            table.add_column(column)
+        for run in ledger.list_runs():
+            states = [r["state"] for r in ledger.arm_runs(run["run_id"], kind="arm")]
+            counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
+            table.add_row(run["run_id"], run["trainer"], run["backend"], run["state"], counts,
+                          time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"])))
+        console.print(table)
+        return 0
+    run = ledger.get_run(args.run_id)
+    table = Table(title=f"{args.run_id} ({run['state']})")
+    for column in ("arm", "seed", "state", "step", run["metric"] or "metric", "attempts", "restarts", "reason"):
+        table.add_column(column)
+    for arm_run in ledger.arm_runs(args.run_id):
+        metrics = json.loads(arm_run["last_metrics_json"] or "{}")
+        value = metrics.get(run["metric"])
+        table.add_row(arm_run["arm"], str(arm_run["seed"]), arm_run["state"],
+                      f"{arm_run['last_step'] or 0}/{arm_run['total_steps'] or '?'}",
+                      f"{value:.4g}" if isinstance(value, (int, float)) else "",
+                      str(len(ledger.attempts(arm_run["id"]))), str(arm_run["restarts"]), arm_run["reason"] or "")
+    console.print(table)
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from orchestrator.runs import orchestrator_alive, settle_orphans
+
+    ledger = Ledger(paths.ledger_path(), create=False)
+    run = ledger.get_run(args.run_id)
+    if run["state"] in ("finished", "cancelled"):
+        print(f"run {args.run_id} is already {run['state']}")
+        return 0
+    ledger.request_cancel(args.run_id)
+    if orchestrator_alive(run):
+        print(f"asked the orchestrator (pid {run['orchestrator_pid']}) to cancel {args.run_id}; waiting")
+        while ledger.get_run(args.run_id)["state"] == "running" and orchestrator_alive(ledger.get_run(args.run_id)):
+            time.sleep(0.5)
+        print(f"run {args.run_id}: {ledger.get_run(args.run_id)['state']}")
+        return 0
+    settle_orphans(ledger, args.run_id)
+    if run["backend"] == "vast":
+        _teardown_instances(ledger, args.run_id)
+    for arm_run in ledger.arm_runs(args.run_id):
+        if arm_run["state"] not in FINAL_STATES:
+            ledger.transition(arm_run["id"], "cancelled", "run cancelled")
+    ledger.set_run_state(args.run_id, "cancelled")
+    print(f"run {args.run_id}: cancelled")
+    return 0
+
+
+def _teardown_instances(ledger: Ledger, run_id: str) -> None:
+    from orchestrator.backends.vast.reap import destroy_run_instances
+    destroy_run_instances(ledger, run_id)
+
+
+def cmd_report(args) -> int:
+    from orchestrator.report import write_report
+
+    ledger = Ledger(paths.ledger_path(), create=False)
+    ledger.get_run(args.run_id)
+    written = write_report(ledger, args.run_id, paths.run_dir(args.run_id), console=Console())
+    print(f"wrote {written}")
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from orchestrator.cost import cost_command
+
+    if not paths.ledger_path().exists():
+        raise UserError(f"{paths.ledger_path()}: no ledger yet; nothing has run with ARMATURE_HOME={paths.home()}")
+    ledger = Ledger(paths.ledger_path(), create=False)
+    print(cost_command(ledger, run=args.run, since=args.since, until=args.until, backend=args.backend,
+                       fmt=args.format))
+    return 0
+
+
+def cmd_reap(args) -> int:
+    from orchestrator.backends.vast.reap import reap_command
+
+    ledger = Ledger(paths.ledger_path())
+    print(reap_command(ledger, dry_run=args.dry_run))
+    return 0
+
+
+def cmd_exporter(args) -> int:
+    from orchestrator.telemetry.exporter import Exporter
+
+    exporter = Exporter(paths.ledger_path(), host=args.host, port=args.port)
+    exporter.start()
+    print(f"serving http://{args.host}:{exporter.port}/metrics (Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exporter.stop()
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from orchestrator.spec import json_schema
+    print(json.dumps(json_schema(), indent=2))
+    return 0

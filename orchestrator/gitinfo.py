@@ -1,0 +1,36 @@
+"""The code a run ran: git commit, and a hash of any uncommitted change."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+from orchestrator.paths import REPO_ROOT
+
+
+def _git(*args: str, cwd: Path = REPO_ROOT) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.decode(errors="replace") if out.returncode == 0 else None
+
+
+def code_version(cwd: Path = REPO_ROOT) -> dict:
+    """{"commit": sha or None, "dirty": bool, "diff_hash": sha256 of diff + untracked files, or None}."""
+    commit = _git("rev-parse", "HEAD", cwd=cwd)
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff_hash": None}
+    diff = _git("diff", "HEAD", "--binary", cwd=cwd) or ""
+    untracked = _git("ls-files", "--others", "--exclude-standard", cwd=cwd) or ""
+    if not diff and not untracked:
+        return {"commit": commit.strip(), "dirty": False, "diff_hash": None}
+    digest = hashlib.sha256(diff.encode())
+    for name in sorted(untracked.split()):
+        digest.update(name.encode())
+        try:
+            digest.update((cwd / name).read_bytes())
+        except OSError:
+            pass
+    return {"commit": commit.strip(), "dirty": True, "diff_hash": digest.hexdigest()[:16]}

@@ -1,0 +1,52 @@
+"""Follow a growing metrics.jsonl: return only the complete lines written since the last read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class JsonlTail:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.offset = 0
+        self.last_step: int | None = None
+
+    def read_new(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                size = f.seek(0, 2)
+                if size < self.offset:          # truncated: a resumed trainer dropped steps after its checkpoint
+                    self.offset = 0
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> list[dict]:
+        """Parse bytes that follow the current offset (a remote reader hands them over itself)."""
+        end = data.rfind(b"\n") + 1             # a partly written last line waits for the next read
+        rows = []
+        for line in data[:end].splitlines():
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and "step" in row:
+                    rows.append(row)
+        self.offset += end
+        if rows:
+            self.last_step = int(rows[-1]["step"])
+        return rows
+
+
+def log_tail(path: Path, lines: int = 12, max_chars: int = 1500) -> str:
+    """The end of a log, for a failure reason."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = "\n".join(text.rstrip().splitlines()[-lines:])
+    return tail[-max_chars:]

@@ -1,0 +1,113 @@
+"""A run's life outside the scheduler: writing it into the ledger, and cleaning up after a killed orchestrator."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+from orchestrator.errors import UserError
+from orchestrator.ledger import ACTIVE_STATES, Ledger
+from orchestrator.spec import Plan, spec_yaml
+
+ORPHAN_GRACE_SECONDS = 120
+
+
+def new_run_id(study_name: str) -> str:
+    return f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_id(ledger: Ledger, run_id: str, run_dir: Path) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=@+-]*", run_id):
+        raise UserError(f"--run-id {run_id!r}: letters, digits and _ . = @ + - only")
+    if ledger.query_one("SELECT run_id FROM runs WHERE run_id=?", (run_id,)) or run_dir.exists():
+        raise UserError(f"run {run_id!r} exists already ({run_dir}); `armature resume {run_id}` continues it")
+
+
+def gpu_share(gpus: float, gpu_memory_gb: float | None, card_memory_gb: float | None) -> float:
+    """The memory guard: a packed arm takes at least the share of the card its memory needs."""
+    if gpus == 0 or gpu_memory_gb is None or card_memory_gb is None or gpus >= 1:
+        return gpus
+    if gpu_memory_gb > card_memory_gb:
+        raise UserError(f"resources.gpu_memory_gb={gpu_memory_gb} is more than the {card_memory_gb:.1f} GB "
+                        f"the GPU has")
+    return max(gpus, round(gpu_memory_gb / card_memory_gb + 0.005, 2))
+
+
+def create_run(ledger: Ledger, plan: Plan, run_id: str, run_dir: Path, backend: str, code: dict,
+               gpus: float) -> None:
+    """Write the resolved spec and every planned arm run (upstream runs first)."""
+    study = plan.study
+    run_dir.mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text(spec_yaml(plan, code))
+    ledger.create_run(run_id, name=study.name, trainer=study.trainer, backend=backend, spec_path=str(plan.path),
+                      metric=study.metric.name, metric_mode=study.metric.mode, baseline=study.baseline,
+                      budget_dollars=study.budget.max_dollars, git_commit=code["commit"],
+                      git_diff_hash=code["diff_hash"])
+    resources = dict(gpus=gpus, cpus=study.resources.cpus, gpu_memory_gb=study.resources.gpu_memory_gb)
+    upstream_ids = {}
+    for up in plan.upstreams:
+        upstream_ids[up.config_hash] = ledger.add_arm_run(
+            run_id, arm=up.name, seed=up.config.get("seed", 0), kind="upstream", trainer=up.trainer,
+            config=up.config, config_hash=up.config_hash, out_dir=str(run_dir / "_upstream" / up.name),
+            total_steps=up.config.get("steps"), **resources)
+    for planned in plan.arm_runs:
+        ledger.add_arm_run(
+            run_id, arm=planned.arm, seed=planned.seed, kind="arm", config=planned.config,
+            config_hash=planned.config_hash, out_dir=str(run_dir / planned.arm / f"seed{planned.seed}"),
+            total_steps=planned.config.get("steps"),
+            upstream_ids={f: upstream_ids[u.config_hash] for f, u in planned.upstream.items()}, **resources)
+
+
+def orchestrator_alive(run: dict) -> bool:
+    """Is the process recorded as driving this run still alive (on this host)?"""
+    pid = run["orchestrator_pid"]
+    if run["state"] != "running" or not pid or run["orchestrator_host"] != socket.gethostname():
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return "armature" in cmdline or "orchestrator" in cmdline
+
+
+def _alive(pid: int, start_time: str | None) -> bool:
+    from orchestrator.backends.local import process_start_time
+    current = process_start_time(pid)
+    return current is not None and (start_time is None or current == start_time)
+
+
+def settle_orphans(ledger: Ledger, run_id: str) -> dict[int, dict]:
+    """After an orchestrator died: stop its local trainers (they checkpoint) and close their attempts.
+
+    Returns the open attempts on rented instances, keyed by arm run, for the backend to adopt.
+    """
+    adopt = {}
+    host = socket.gethostname()
+    for attempt in ledger.open_attempts(run_id):
+        if attempt["backend"] != "local":
+            adopt[attempt["arm_run_id"]] = attempt
+            continue
+        pid = attempt["pid"]
+        reason = "the orchestrator died; no trainer was running"
+        if pid and attempt["host"] == host and _alive(pid, attempt["pid_start_time"]):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.time() + ORPHAN_GRACE_SECONDS
+            while _alive(pid, attempt["pid_start_time"]) and time.time() < deadline:
+                time.sleep(0.2)
+            if _alive(pid, attempt["pid_start_time"]):
+                os.killpg(pid, signal.SIGKILL)
+            reason = "the orchestrator died; its trainer was stopped with SIGTERM (checkpointed)"
+        ledger.end_attempt(attempt["id"], "lost", reason=reason)
+    for arm_run in ledger.arm_runs(run_id):
+        if arm_run["state"] in ACTIVE_STATES and arm_run["id"] not in adopt:
+            ledger.transition(arm_run["id"], "pending", "resumed after the orchestrator stopped")
+    return adopt

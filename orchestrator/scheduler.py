@@ -1,0 +1,355 @@
+"""Drive a run's arm runs to their ends through a backend.
+
+The scheduler runs in the orchestrator's main thread. Each attempt runs in a
+thread of its own inside `backend.run_attempt`; its events come back through
+`_on_event` (ledger rows, progress, early stopping, the watchdog) and its
+result through a queue. Every state change is committed to the ledger before
+it is acted on.
+
+Stopping an attempt early always goes through its `stop` event with a reason:
+  interrupt  Ctrl-C: the arm run goes back to pending; `armature resume` continues it
+  cancel     `armature cancel`: the arm run ends cancelled
+  pause      a PAUSE file: back to pending until the file is removed
+  watchdog   a health breach: pending again after a cool-down, at most max_restarts times
+  early_stop an early-stop rule fired: the arm run ends cancelled, with the rule as reason
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.backends.base import AttemptResult, AttemptSpec, Backend
+from orchestrator.ledger import ACTIVE_STATES, FINAL_STATES, Ledger
+from orchestrator.spec import Study
+from orchestrator.telemetry.gpu import LocalGpus, host_memory_ratio
+from orchestrator.telemetry.watchdog import Watchdog, pause_requested
+
+TICK_SECONDS = 0.25
+
+
+@dataclass
+class Running:
+    arm_run: dict
+    attempt_id: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None
+    stop_detail: str | None = None
+    host: str | None = None
+    gpu_index: str | None = None
+    energy_start: float | None = None
+
+    def request_stop(self, reason: str, detail: str | None = None) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_detail = reason, detail
+        self.stop.set()
+
+
+class Scheduler:
+    def __init__(self, ledger: Ledger, run_id: str, study: Study, backend: Backend, run_dir: Path,
+                 progress=None, local_gpus: LocalGpus | None = None, max_concurrent: int | None = None):
+        self.ledger = ledger
+        self.run_id = run_id
+        self.study = study
+        self.backend = backend
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.local_gpus = local_gpus
+        self.max_concurrent = max_concurrent
+        self.watchdog = Watchdog(study.watchdog)
+        self.running: dict[int, Running] = {}            # arm_run_id -> attempt in flight
+        self.results: queue.Queue = queue.Queue()
+        self.not_before: dict[int, float] = {}           # arm_run_id -> earliest restart (watchdog cool-down)
+        self.adopt: dict[int, dict] = {}                 # arm_run_id -> open attempt to reattach (resume)
+        self.interrupted = False
+        self.cancelled = False
+        self._last_watchdog = 0.0
+
+    # ---- the loop ---------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Ctrl-C: stop every attempt (they checkpoint), leave their arm runs pending for resume."""
+        self.interrupted = True
+
+    def run(self) -> str:
+        self.ledger.set_run_state(self.run_id, "running", claim=True)
+        while True:
+            if self.interrupted:
+                self._stop_all("interrupt")
+            elif not self.cancelled and self.ledger.cancel_requested(self.run_id):
+                self.cancelled = True
+                self.ledger.event(self.run_id, "run.cancel")
+            if self.cancelled:
+                self._stop_all("cancel")
+            self._drain_results()
+            self._check_pauses()
+            self._check_watchdog()
+            if not (self.interrupted or self.cancelled):
+                self._fail_orphans_of_failed_upstreams()
+                self._launch_ready()
+            if not self.running and (self.interrupted or self.cancelled or not self._anything_left()):
+                break
+            time.sleep(TICK_SECONDS)
+        return self._finish()
+
+    def _finish(self) -> str:
+        if self.cancelled:
+            for arm_run in self.ledger.arm_runs(self.run_id):
+                if arm_run["state"] not in FINAL_STATES:
+                    self.ledger.transition(arm_run["id"], "cancelled", "run cancelled")
+                    self._show(arm_run["id"], state="cancelled")
+            state = "cancelled"
+        elif self.interrupted:
+            state = "interrupted"
+        else:
+            states = {r["state"] for r in self.ledger.arm_runs(self.run_id)}
+            state = "finished" if states <= set(FINAL_STATES) else "interrupted"
+        self.ledger.set_run_state(self.run_id, state)
+        return state
+
+    def _anything_left(self) -> bool:
+        return any(r["state"] not in FINAL_STATES for r in self.ledger.arm_runs(self.run_id))
+
+    def _stop_all(self, reason: str) -> None:
+        for running in self.running.values():
+            running.request_stop(reason)
+
+    # ---- launching ------------------------------------------------------------------
+
+    def _ready(self) -> list[dict]:
+        arm_runs = self.ledger.arm_runs(self.run_id)
+        by_id = {r["id"]: r for r in arm_runs}
+        now = time.time()
+        ready = []
+        for arm_run in arm_runs:
+            if arm_run["state"] != "pending" or arm_run["id"] in self.running:
+                continue
+            if self.not_before.get(arm_run["id"], 0) > now or self._paused(arm_run):
+                continue
+            upstream_ids = json.loads(arm_run["upstream_ids"]).values()
+            if all(by_id[u]["state"] == "succeeded" for u in upstream_ids):
+                ready.append(arm_run)
+        ready.sort(key=lambda r: (r["kind"] != "upstream", r["id"]))
+        return ready
+
+    def _launch_ready(self) -> None:
+        for arm_run in self._ready():
+            if self.max_concurrent is not None and len(self.running) >= self.max_concurrent:
+                return
+            if arm_run["id"] in self.not_before and not self._cooled():
+                continue
+            self._launch(arm_run)
+
+    def _launch(self, arm_run: dict) -> None:
+        adopted = self.adopt.pop(arm_run["id"], None)
+        if adopted:
+            attempt_id = adopted["id"]
+        else:
+            attempt_id = self.ledger.start_attempt(arm_run["id"], backend=self.backend.name)
+        self.not_before.pop(arm_run["id"], None)
+        first_state = "running" if self.backend.name == "local" else "provisioning"
+        self.ledger.transition(arm_run["id"], first_state, None, attempt_id)
+        self._show(arm_run["id"], state=first_state)
+        running = Running(arm_run, attempt_id)
+        self.running[arm_run["id"]] = running
+        upstream_dirs = {dir_field: self.ledger.arm_run(upstream_id)["out_dir"]
+                         for dir_field, upstream_id in json.loads(arm_run["upstream_ids"]).items()}
+        config = json.loads(arm_run["config_json"])
+        spec = AttemptSpec(
+            run_id=self.run_id, arm_run_id=arm_run["id"], attempt_id=attempt_id, arm=arm_run["arm"],
+            seed=arm_run["seed"], trainer=arm_run["trainer"], config=config, out_dir=arm_run["out_dir"],
+            gpus=arm_run["gpus"], cpus=arm_run["cpus"], gpu_memory_gb=arm_run["gpu_memory_gb"],
+            upstream_dirs=upstream_dirs, adopt=adopted is not None)
+        thread = threading.Thread(target=self._attempt_thread, args=(running, spec), daemon=True,
+                                  name=f"attempt-{attempt_id}")
+        thread.start()
+
+    def _attempt_thread(self, running: Running, spec: AttemptSpec) -> None:
+        try:
+            result = self.backend.run_attempt(spec, lambda event: self._on_event(running, event), running.stop)
+        except Exception as exc:  # a backend bug must not take the run down with it
+            result = AttemptResult("lost", None, f"{type(exc).__name__}: {exc}")
+        self.results.put((running, result))
+
+    # ---- events from attempts ------------------------------------------------------
+
+    def _on_event(self, running: Running, event: dict) -> None:
+        arm_run_id = running.arm_run["id"]
+        kind = event["kind"]
+        if kind == "metrics":
+            self.ledger.record_metrics(arm_run_id, running.attempt_id, event["rows"])
+            self._show(arm_run_id, rows=event["rows"])
+            self._check_early_stop(running, event["rows"])
+        elif kind == "state":
+            self.ledger.transition(arm_run_id, event["state"], event.get("reason"), running.attempt_id)
+            self._show(arm_run_id, state=event["state"])
+        elif kind == "attempt":
+            fields = {k: v for k, v in event.items() if k != "kind"}
+            self.ledger.update_attempt(running.attempt_id, **fields)
+            running.host, running.gpu_index = fields.get("host"), fields.get("gpu_index")
+            running.energy_start = self._energy(running)
+            self._show(arm_run_id, hardware=fields.get("hardware"))
+        elif kind == "health":
+            samples = event["samples"]
+            self.ledger.record_health(samples, self.run_id, running.arm_run["arm"])
+            breach = self.watchdog.check(_samples(samples), None) if self.study.watchdog.enabled else None
+            if breach:
+                self._watchdog_stop(running, breach.message)
+        elif kind == "event":
+            detail = {k: v for k, v in event.items() if k not in ("kind", "event")}
+            self.ledger.event(self.run_id, event["event"], arm_run_id, **detail)
+
+    def _check_early_stop(self, running: Running, rows: list[dict]) -> None:
+        for rule in self.study.early_stop:
+            for row in rows:
+                value = row.get(rule.metric)
+                if value is None or row["step"] < rule.after_step:
+                    continue
+                if (rule.above is not None and value > rule.above) or (rule.below is not None and value < rule.below):
+                    bound = f"above {rule.above}" if rule.above is not None and value > rule.above else \
+                        f"below {rule.below}"
+                    running.request_stop("early_stop", f"early stop: {rule.metric}={value:.4g} {bound} "
+                                                       f"at step {row['step']}")
+                    return
+
+    # ---- results ---------------------------------------------------------------------
+
+    def _drain_results(self) -> None:
+        while True:
+            try:
+                running, result = self.results.get_nowait()
+            except queue.Empty:
+                return
+            self._settle(running, result)
+
+    def _settle(self, running: Running, result: AttemptResult) -> None:
+        arm_run_id = running.arm_run["id"]
+        del self.running[arm_run_id]
+        energy = self._energy(running)
+        if energy is not None and running.energy_start is not None:
+            self.ledger.update_attempt(running.attempt_id, energy_joules=energy - running.energy_start)
+        reason = running.stop_detail or result.reason
+        attempt_state = result.outcome
+        if result.outcome == "interrupted" and running.stop_reason:
+            attempt_state = "interrupted" if running.stop_reason != "cancel" else "cancelled"
+        self.ledger.end_attempt(running.attempt_id, attempt_state, exit_code=result.exit_code,
+                                reason=reason, end_step=result.end_step)
+
+        state, why = self._next_state(running, result)
+        if state == "succeeded":
+            self.ledger.transition(arm_run_id, "collecting", None, running.attempt_id)
+            summary = _read_summary(Path(running.arm_run["out_dir"]))
+            if summary:
+                step = int(summary.get("steps", result.end_step or 0))
+                self.ledger.record_metrics(arm_run_id, running.attempt_id, [{**summary, "step": step, "final": True}])
+        self.ledger.transition(arm_run_id, state, why, running.attempt_id)
+        self._show(arm_run_id, state=state, reason=why)
+
+    def _next_state(self, running: Running, result: AttemptResult) -> tuple[str, str | None]:
+        arm_run_id = running.arm_run["id"]
+        outcome, stop = result.outcome, running.stop_reason
+        if outcome in ("succeeded", "diverged", "failed"):
+            return outcome, result.reason
+        if outcome == "cancelled":
+            return "cancelled", result.reason
+        if stop == "cancel":
+            return "cancelled", "run cancelled"
+        if stop == "early_stop":
+            return "cancelled", running.stop_detail
+        if stop == "interrupt":
+            return "pending", f"interrupted at step {result.end_step}; `armature resume {self.run_id}` continues"
+        if stop == "pause":
+            return "pending", "paused (PAUSE file)"
+        if stop == "watchdog":
+            restarts = self.ledger.add_restart(arm_run_id)
+            if not self.watchdog.restart_allowed(restarts - 1):
+                return "failed", f"{running.stop_detail}; gave up after {restarts - 1} restarts"
+            self.not_before[arm_run_id] = time.time() + self.study.watchdog.cooldown_seconds
+            return "pending", f"{running.stop_detail}; restart {restarts} after cool-down"
+        attempts = len(self.ledger.attempts(arm_run_id))
+        if attempts >= self.study.max_attempts:
+            return "failed", f"{outcome} {attempts} times; last: {result.reason}"
+        return "pending", f"{outcome}: {result.reason}; retrying from the last checkpoint"
+
+    def _fail_orphans_of_failed_upstreams(self) -> None:
+        arm_runs = self.ledger.arm_runs(self.run_id)
+        by_id = {r["id"]: r for r in arm_runs}
+        for arm_run in arm_runs:
+            if arm_run["state"] != "pending":
+                continue
+            for upstream_id in json.loads(arm_run["upstream_ids"]).values():
+                upstream = by_id[upstream_id]
+                if upstream["state"] in FINAL_STATES and upstream["state"] != "succeeded":
+                    why = f"upstream {upstream['arm']} {upstream['state']}"
+                    self.ledger.transition(arm_run["id"], "failed", why)
+                    self._show(arm_run["id"], state="failed", reason=why)
+                    break
+
+    # ---- pause and watchdog -----------------------------------------------------------
+
+    def _paused(self, arm_run: dict) -> bool:
+        return pause_requested(self.run_dir, Path(arm_run["out_dir"]))
+
+    def _check_pauses(self) -> None:
+        for running in self.running.values():
+            if running.stop_reason is None and self._paused(running.arm_run):
+                self.ledger.event(self.run_id, "pause", running.arm_run["id"])
+                running.request_stop("pause")
+
+    def _local_samples(self) -> list:
+        if self.local_gpus is None or not self.local_gpus.available:
+            return []
+        return self.local_gpus.read()
+
+    def _cooled(self) -> bool:
+        return self.watchdog.cooled(self._local_samples())
+
+    def _check_watchdog(self) -> None:
+        if not self.study.watchdog.enabled or self.backend.name != "local":
+            return
+        now = time.time()
+        if now - self._last_watchdog < self.study.watchdog.poll_seconds:
+            return
+        self._last_watchdog = now
+        samples = self._local_samples()
+        breach = self.watchdog.check(samples, host_memory_ratio())
+        if breach is None:
+            return
+        for running in list(self.running.values()):
+            on_gpu = breach.gpu is None or breach.gpu in (running.gpu_index or "").split(",")
+            if running.stop_reason is None and on_gpu:
+                self._watchdog_stop(running, breach.message)
+
+    def _watchdog_stop(self, running: Running, message: str) -> None:
+        if running.stop_reason is not None:
+            return
+        self.ledger.event(self.run_id, "watchdog.breach", running.arm_run["id"], message=message)
+        running.request_stop("watchdog", f"watchdog: {message}")
+
+    def _energy(self, running: Running) -> float | None:
+        """The NVML energy counter (joules) of the GPUs a local attempt uses, if readable."""
+        if not running.gpu_index or self.backend.name != "local":
+            return None
+        readings = {s.gpu: s.energy_joules for s in self._local_samples()}
+        values = [readings.get(index) for index in running.gpu_index.split(",")]
+        return sum(values) if values and all(v is not None for v in values) else None
+
+    def _show(self, arm_run_id: int, **fields) -> None:
+        if self.progress is not None:
+            self.progress.update(arm_run_id, **fields)
+
+
+def _samples(dicts: list[dict]) -> list:
+    from orchestrator.telemetry.gpu import GpuSample
+    return [GpuSample.from_dict(d) for d in dicts]
+
+
+def _read_summary(out_dir: Path) -> dict | None:
+    try:
+        return json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,51 @@
+"""Find a trainer module under trainers/ and what the orchestrator needs to know about it."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from pydantic import BaseModel
+
+from orchestrator.errors import SpecError
+from orchestrator.paths import REPO_ROOT
+
+
+@dataclass
+class Upstream:
+    """A config field holding another trainer's config, whose output folder goes into `dir_field`."""
+    trainer: str
+    dir_field: str
+
+
+@dataclass
+class TrainerInfo:
+    name: str
+    module: ModuleType
+    config_cls: type[BaseModel]
+    metrics: dict[str, str]           # summary metric -> "min" | "max"
+    upstream: dict[str, Upstream]     # config field -> its upstream trainer
+
+
+def available_trainers() -> list[str]:
+    names = []
+    for file in sorted((REPO_ROOT / "trainers").glob("*.py")):
+        if file.stem.startswith("_"):
+            continue
+        if "class Config" in file.read_text() and "METRICS" in file.read_text():
+            names.append(file.stem)
+    return names
+
+
+def load_trainer(name: str, where: str = "trainer") -> TrainerInfo:
+    known = available_trainers()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=2)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise SpecError(f"{where}: unknown trainer {name!r}; available: {', '.join(known)}{hint}")
+    module = importlib.import_module(f"trainers.{name}")
+    upstream = {field: Upstream(link["trainer"], link["dir_field"])
+                for field, link in getattr(module, "UPSTREAM", {}).items()}
+    return TrainerInfo(name, module, module.Config, dict(module.METRICS), upstream)
