@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="runs created before this date (YYYY-MM-DD)")
     p.add_argument("--backend", choices=["local", "vast"])
     p.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
+    p.add_argument("--detail", action="store_true", help="one line per attempt and overhead")
     p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser("reap", help="destroy instances labelled as ours that no live run owns")
@@ -334,7 +335,7 @@ def cmd_cost(args) -> int:
         raise UserError(f"{paths.ledger_path()}: no ledger yet; nothing has run with ARMATURE_HOME={paths.home()}")
     ledger = Ledger(paths.ledger_path(), create=False)
     print(cost_command(ledger, run=args.run, since=args.since, until=args.until, backend=args.backend,
-                       fmt=args.format))
+                       fmt=args.format, detail=args.detail), end="")
     return 0
 
 

@@ -91,7 +91,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     state TEXT NOT NULL,               -- running, succeeded, failed, diverged, interrupted, preempted, lost, cancelled
     backend TEXT NOT NULL,
     host TEXT,
-    hardware TEXT,                     -- GPU model, or 'cpu'
+    ray_node TEXT,                     -- Ray node id (local backend), e.g. to tell two nodes on one host apart
+    hardware TEXT,                     -- GPU model, or 'cpu (<model>)'
     gpu_index TEXT,                    -- CUDA_VISIBLE_DEVICES given to the trainer
     pid INTEGER,
     pid_start_time TEXT,               -- /proc start time, to tell a live trainer from a reused pid

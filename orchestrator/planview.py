@@ -50,7 +50,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     seeds = study.seed_list
     console.print(f"[bold]{study.name}[/bold] ({plan.path}): trainer {study.trainer}, backend {study.backend}, "
                   f"{len(plan.arm_runs)} arm runs = {len(plan.arm_runs) // len(seeds)} arms x {len(seeds)} seeds "
-                  f"{seeds}")
+                  f"{seeds}", soft_wrap=True)
     table = Table(show_header=True, header_style="bold")
     for column in ("arm", "changes from base", "steps", "seeds"):
         table.add_column(column)

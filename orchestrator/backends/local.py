@@ -102,7 +102,8 @@ def _attempt_task(spec: AttemptSpec, board):
             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent)
     yield {"kind": "attempt", "pid": child.pid, "pid_start_time": process_start_time(child.pid),
-           "host": socket.gethostname(), "hardware": _hardware(gpu_ids), "gpu_index": ",".join(gpu_ids) or None}
+           "host": socket.gethostname(), "ray_node": ray.get_runtime_context().get_node_id(),
+           "hardware": _hardware(gpu_ids), "gpu_index": ",".join(gpu_ids) or None}
     yield {"kind": "state", "state": "running", "reason": None}
 
     metrics = JsonlTail(out / "metrics.jsonl")

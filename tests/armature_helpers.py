@@ -1,0 +1,58 @@
+"""Helpers for tests that drive the real `armature` command line and read the real ledger."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.ledger import Ledger
+from orchestrator.paths import REPO_ROOT
+
+# A VQ-VAE small enough that an arm run takes a few seconds on one CPU core.
+TINY_VQVAE_BASE = ("{steps: 20, eval_every: 10, checkpoint_every: 10, log_every: 5, batch_size: 16, "
+                   "data.num_train: 128, data.num_heldout: 32}")
+
+
+def tiny_spec(tmp_path: Path, body: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def armature_env(home: Path, **extra: str) -> dict:
+    env = {**os.environ, "ARMATURE_HOME": str(home), "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def armature(home: Path, *args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=REPO_ROOT, env=armature_env(home, **env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_armature(home: Path, *args: str, log: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=REPO_ROOT,
+                            env=armature_env(home, **env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def ledger(home: Path) -> Ledger:
+    return Ledger(home / "ledger.sqlite", create=False)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def metric_steps(out_dir: Path) -> list[int]:
+    import json
+    return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
