@@ -151,9 +151,9 @@ class Scheduler:
         else:
             attempt_id = self.ledger.start_attempt(arm_run["id"], backend=self.backend.name)
         self.not_before.pop(arm_run["id"], None)
-        first_state = "running" if self.backend.name == "local" else "provisioning"
-        self.ledger.transition(arm_run["id"], first_state, None, attempt_id)
-        self._show(arm_run["id"], state=first_state)
+        if self.backend.name != "local":     # a local attempt reports `running` once Ray has started it
+            self.ledger.transition(arm_run["id"], "provisioning", None, attempt_id)
+            self._show(arm_run["id"], state="provisioning")
         running = Running(arm_run, attempt_id)
         self.running[arm_run["id"]] = running
         upstream_dirs = {dir_field: self.ledger.arm_run(upstream_id)["out_dir"]
@@ -185,7 +185,8 @@ class Scheduler:
             self._show(arm_run_id, rows=event["rows"])
             self._check_early_stop(running, event["rows"])
         elif kind == "state":
-            self.ledger.transition(arm_run_id, event["state"], event.get("reason"), running.attempt_id)
+            if self.ledger.arm_run(arm_run_id)["state"] != event["state"]:
+                self.ledger.transition(arm_run_id, event["state"], event.get("reason"), running.attempt_id)
             self._show(arm_run_id, state=event["state"])
         elif kind == "attempt":
             fields = {k: v for k, v in event.items() if k != "kind"}
