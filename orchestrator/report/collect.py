@@ -1,0 +1,284 @@
+"""What a report shows, gathered from the ledger and the arm runs' folders; no formatting here.
+
+Summary metrics come from each arm run's `summary.json`, key by key falling back to the last
+metrics the ledger holds. Statistics are over the seeds that succeeded, with the sample standard
+deviation (ddof=1). Compute time is wall time of every attempt x the resources it held.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.ledger import ACTIVE_STATES, Ledger
+from orchestrator.trainer_registry import load_trainer
+
+BROKEN_STATES = ("failed", "diverged", "cancelled")
+STATE_ORDER = ("succeeded", "diverged", "failed", "cancelled", "pending") + ACTIVE_STATES
+# Keys of summary.json / metrics rows that are bookkeeping, not metrics (used when the trainer cannot be loaded).
+BOOKKEEPING_KEYS = {"step", "steps", "time", "wall_time_s", "device", "diverged", "reason"}
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (ddof=1; None with fewer than two values) of some seeds' values."""
+    n: int
+    mean: float | None
+    std: float | None
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stat":
+        if not values:
+            return cls(0, None, None)
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return cls(len(values), statistics.fmean(values), std)
+
+
+@dataclass
+class SeedResult:
+    """One arm run (an arm x seed, or an upstream run) and what it produced."""
+    row: dict                              # the arm_runs row
+    out_dir: Path
+    values: dict[str, float]               # finite numeric summary values
+    from_summary: bool                     # False: summary.json missing, values are the ledger's last metrics
+    gpu_hours: float
+    cpu_hours: float
+    hardware: list[str]
+    still_running: bool                    # an attempt has not ended yet (its time counts up to now)
+    metric_rows: list[dict] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        return self.row["state"]
+
+    @property
+    def label(self) -> str:
+        return f"{self.row['arm']} seed {self.row['seed']}"
+
+
+@dataclass
+class ArmResult:
+    name: str
+    description: str
+    seeds: list[SeedResult]
+    stats: dict[str, Stat] = field(default_factory=dict)
+    delta: float | None = None                  # primary metric: this arm's mean - the baseline's mean
+    delta_in_baseline_std: float | None = None  # delta / the baseline's std (None when that std is 0 or unknown)
+    is_baseline: bool = False
+    is_best: bool = False
+
+    @property
+    def succeeded(self) -> list[SeedResult]:
+        return [s for s in self.seeds if s.state == "succeeded"]
+
+    @property
+    def state_counts(self) -> Counter:
+        return Counter(s.state for s in self.seeds)
+
+    @property
+    def gpu_hours(self) -> float:
+        return sum(s.gpu_hours for s in self.seeds)
+
+    @property
+    def cpu_hours(self) -> float:
+        return sum(s.cpu_hours for s in self.seeds)
+
+    @property
+    def hardware(self) -> list[str]:
+        return sorted({h for s in self.seeds for h in s.hardware})
+
+    def count(self, state: str) -> int:
+        return self.state_counts.get(state, 0)
+
+
+@dataclass
+class StudyResults:
+    run: dict
+    description: str
+    metrics: dict[str, str | None]     # metric -> "min" | "max" | None (unknown), the primary metric first
+    primary: str | None
+    mode: str | None                   # the primary metric's direction
+    baseline: str | None
+    arms: list[ArmResult]
+    upstream: list[SeedResult]
+    hardware_warning: str | None
+    notes: list[str]
+
+    @property
+    def seeds(self) -> list[SeedResult]:
+        return [s for arm in self.arms for s in arm.seeds]
+
+    @property
+    def uses_gpus(self) -> bool:
+        return any(s.row["gpus"] > 0 for s in self.seeds)
+
+    @property
+    def uses_cpu_only(self) -> bool:
+        return any(s.row["gpus"] == 0 for s in self.seeds)
+
+
+def collect_results(ledger: Ledger, run_id: str, run_dir: Path) -> StudyResults:
+    run = ledger.get_run(run_id)
+    spec = _read_spec(run_dir / "spec.yaml")
+    arm_descriptions = {a["name"]: a.get("description") or "" for a in spec.get("arms") or []
+                        if isinstance(a, dict) and "name" in a}
+    now = time.time()
+
+    arms: dict[str, ArmResult] = {}
+    for row in ledger.arm_runs(run_id, kind="arm"):
+        seed = _seed_result(ledger, row, run_dir, now, with_metric_rows=True)
+        if row["arm"] not in arms:
+            description = arm_descriptions.get(row["arm"]) or arm_descriptions.get(row["arm"].split("@")[0], "")
+            arms[row["arm"]] = ArmResult(row["arm"], str(description), [])
+        arms[row["arm"]].seeds.append(seed)
+    upstream = [_seed_result(ledger, row, run_dir, now, with_metric_rows=False)
+                for row in ledger.arm_runs(run_id, kind="upstream")]
+
+    metrics = _metric_directions(run, [s for arm in arms.values() for s in arm.succeeded])
+    primary = run["metric"]
+    mode = (run["metric_mode"] or metrics.get(primary)) if primary else None
+    results = StudyResults(run=run, description=str(spec.get("description") or ""), metrics=metrics,
+                           primary=primary, mode=mode, baseline=run["baseline"], arms=list(arms.values()),
+                           upstream=upstream, hardware_warning=None, notes=[])
+    for arm in results.arms:
+        arm.stats = {m: Stat.of([s.values[m] for s in arm.succeeded if m in s.values]) for m in metrics}
+    _compare_with_baseline(results)
+    _mark_best(results)
+    results.hardware_warning = hardware_warning(results.arms)
+    results.notes = _notes(results)
+    return results
+
+
+def _read_spec(path: Path) -> dict:
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _seed_result(ledger: Ledger, row: dict, run_dir: Path, now: float, with_metric_rows: bool) -> SeedResult:
+    out_dir = Path(row["out_dir"])
+    if not out_dir.exists() and row["kind"] == "arm":  # the run folder moved with ARMATURE_HOME
+        out_dir = run_dir / row["arm"] / f"seed{row['seed']}"
+    summary = _read_json(out_dir / "summary.json")
+    last = _numeric(json.loads(row["last_metrics_json"] or "{}"))
+    values = {**last, **_numeric(summary or {})}
+
+    attempts = ledger.attempts(row["id"])
+    wall_hours = sum(max(0.0, (a["ended_at"] or now) - a["started_at"]) for a in attempts) / 3600
+    return SeedResult(
+        row=row, out_dir=out_dir, values=values, from_summary=summary is not None,
+        gpu_hours=wall_hours * row["gpus"],
+        cpu_hours=wall_hours * row["cpus"] if row["gpus"] == 0 else 0.0,
+        hardware=sorted({a["hardware"] for a in attempts if a["hardware"]}),
+        still_running=any(a["ended_at"] is None for a in attempts),
+        metric_rows=ledger.metric_rows(row["id"]) if with_metric_rows else [])
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _numeric(data: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in data.items() if finite_number(v)}
+
+
+def finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _metric_directions(run: dict, succeeded: list[SeedResult]) -> dict[str, str | None]:
+    """The trainer's METRICS (or, when it cannot be loaded, the numbers its summaries hold), primary first."""
+    try:
+        declared: dict[str, str | None] = dict(load_trainer(run["trainer"]).metrics)
+    except (UserError, ImportError):
+        declared = {}
+        for seed in succeeded:
+            declared.update({k: None for k in seed.values if k not in BOOKKEEPING_KEYS and k not in declared})
+    primary = run["metric"]
+    if not primary:
+        return declared
+    return {primary: run["metric_mode"] or declared.get(primary), **{k: v for k, v in declared.items() if k != primary}}
+
+
+def _compare_with_baseline(results: StudyResults) -> None:
+    baseline = next((a for a in results.arms if a.name == results.baseline), None)
+    if baseline is None:
+        return
+    baseline.is_baseline = True
+    if results.primary is None:
+        return
+    reference = baseline.stats[results.primary]
+    if reference.mean is None:
+        return
+    for arm in results.arms:
+        mean = arm.stats[results.primary].mean
+        if mean is None:
+            continue
+        arm.delta = mean - reference.mean
+        if reference.std:
+            arm.delta_in_baseline_std = arm.delta / reference.std
+
+
+def _mark_best(results: StudyResults) -> None:
+    if results.primary is None or results.mode not in ("min", "max"):
+        return
+    scored = [a for a in results.arms if a.stats[results.primary].mean is not None]
+    if len(scored) < 2:
+        return
+    pick = min if results.mode == "min" else max
+    pick(scored, key=lambda a: a.stats[results.primary].mean).is_best = True
+
+
+def hardware_warning(arms: list[ArmResult]) -> str | None:
+    """A warning when the arms' attempts ran on more than one kind of hardware (GPU model or CPU)."""
+    per_arm = {arm.name: arm.hardware for arm in arms if arm.hardware}
+    if len({h for hardware in per_arm.values() for h in hardware}) <= 1:
+        return None
+    listing = "; ".join(f"{name}: {', '.join(hardware)}" for name, hardware in per_arm.items())
+    return (f"arms ran on different hardware, so their speed (and possibly their numerics) differ; "
+            f"compare with care. {listing}")
+
+
+def one_line(reason: str | None, limit: int = 300) -> str:
+    """A recorded reason (possibly a multi-line traceback tail) as one line for a note or a table cell."""
+    text = " ".join((reason or "no reason recorded").split())
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _notes(results: StudyResults) -> list[str]:
+    notes = []
+    for seed in results.seeds + results.upstream:
+        kind = "upstream " if seed.row["kind"] == "upstream" else ""
+        restarts = f" (after {seed.row['restarts']} restarts)" if seed.row["restarts"] else ""
+        if seed.state in BROKEN_STATES:
+            excluded = "; excluded from the means" if kind == "" else ""
+            notes.append(f"{kind}{seed.label}: {seed.state}{restarts}: {one_line(seed.row['reason'])}{excluded}")
+        elif seed.state == "succeeded" and seed.row["restarts"]:
+            notes.append(f"{kind}{seed.label}: succeeded after {seed.row['restarts']} restarts")
+        if seed.state == "succeeded" and not seed.from_summary:
+            notes.append(f"{kind}{seed.label}: no summary.json in {seed.out_dir}; "
+                         f"its values are the last metrics the ledger recorded")
+    unfinished = [s for s in results.seeds + results.upstream if s.state not in BROKEN_STATES + ("succeeded",)]
+    if unfinished:
+        notes.append(f"{len(unfinished)} arm run(s) not finished ({', '.join(s.label for s in unfinished)}): "
+                     f"these results are partial; time of running attempts counts up to now")
+    baseline = next((a for a in results.arms if a.is_baseline), None)
+    if results.baseline and baseline is None:
+        notes.append(f"baseline {results.baseline!r} is not an arm of this run: no deltas")
+    elif baseline is not None and results.primary and baseline.stats[results.primary].mean is None:
+        notes.append(f"baseline {results.baseline!r} has no succeeded seed with {results.primary}: no deltas")
+    return notes

@@ -1,0 +1,1 @@
+"""GPU health, the Prometheus exporter and the watchdog policy."""
