@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS arm_runs (
     reason TEXT,
     last_step INTEGER,
     last_metrics_json TEXT,
+    summary_json TEXT,                         -- the trainer's summary.json once it succeeded
     restarts INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -397,6 +398,11 @@ class Ledger:
                 merged.update({k: v for k, v in r.items() if v is not None})
             db.execute("UPDATE arm_runs SET last_step=?, last_metrics_json=?, updated_at=? WHERE id=?",
                        (int(last["step"]), json.dumps(merged), time.time(), arm_run_id))
+
+    def set_summary(self, arm_run_id: int, summary: dict) -> None:
+        with self.write() as db:
+            db.execute("UPDATE arm_runs SET summary_json=?, updated_at=? WHERE id=?",
+                       (json.dumps(summary), time.time(), arm_run_id))
 
     def metric_rows(self, arm_run_id: int) -> list[dict]:
         return [json.loads(r["data_json"]) for r in

@@ -245,8 +245,7 @@ class Scheduler:
             self.ledger.transition(arm_run_id, "collecting", None, running.attempt_id)
             summary = _read_summary(Path(running.arm_run["out_dir"]))
             if summary:
-                step = int(summary.get("steps", result.end_step or 0))
-                self.ledger.record_metrics(arm_run_id, running.attempt_id, [{**summary, "step": step, "final": True}])
+                self.ledger.set_summary(arm_run_id, summary)
         self.ledger.transition(arm_run_id, state, why, running.attempt_id)
         self._show(arm_run_id, state=state, reason=why)
 

@@ -1,0 +1,238 @@
+"""Real ablations through the real CLI, a real local Ray and real trainer processes."""
+
+import csv
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.armature_helpers import (TINY_VQVAE_BASE, armature, ledger, metric_steps, start_armature, tiny_spec,
+                                    wait_for)
+
+TWO_ARMS = f"""name: tiny
+trainer: vqvae
+metric: {{name: recon_mse, mode: min}}
+baseline: a
+base: {TINY_VQVAE_BASE}
+arms:
+  - name: a
+  - name: b
+    set: {{model.codebook_size: 16}}
+seeds: 2
+resources: {{gpus: 0, cpus: 1}}
+"""
+
+# Long enough to interrupt mid-way; checkpoints often so the resume point is recent.
+LONG_ARMS = TWO_ARMS.replace("steps: 20,", "steps: 400,").replace("checkpoint_every: 10", "checkpoint_every: 20") \
+    .replace("eval_every: 10", "eval_every: 100").replace("seeds: 2", "seeds: 1")
+
+
+def test_two_arms_two_seeds_end_to_end(tmp_path):
+    home = tmp_path / "home"
+    result = armature(home, "ablation", str(tiny_spec(tmp_path, TWO_ARMS)), "--run-id", "e2e", "--metrics-port", "-1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    db = ledger(home)
+    run = db.get_run("e2e")
+    assert run["state"] == "finished" and run["git_commit"]
+    arm_runs = db.arm_runs("e2e")
+    assert sorted((r["arm"], r["seed"]) for r in arm_runs) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    for arm_run in arm_runs:
+        assert arm_run["state"] == "succeeded"
+        states = [t["to_state"] for t in db.transitions(arm_run["id"])]
+        assert states == ["pending", "running", "collecting", "succeeded"]
+        out = home / "e2e" / arm_run["arm"] / f"seed{arm_run['seed']}"
+        config = json.loads((out / "config.json").read_text())
+        assert config["seed"] == arm_run["seed"]
+        assert (out / "summary.json").exists() and (out / "checkpoints" / "last.pt").exists()
+        # every metrics.jsonl line reached the ledger
+        assert [r["step"] for r in db.metric_rows(arm_run["id"])] == metric_steps(out)
+        assert json.loads(arm_run["summary_json"]) == json.loads((out / "summary.json").read_text())
+        (attempt,) = db.attempts(arm_run["id"])
+        assert attempt["state"] == "succeeded" and attempt["exit_code"] == 0 and attempt["hardware"].startswith("cpu")
+    rows = list(csv.DictReader(open(home / "e2e" / "results.csv")))
+    assert [r["arm"] for r in rows] == ["a", "b"]
+    assert (home / "e2e" / "results.md").exists() and (home / "e2e" / "plots" / "loss.png").exists()
+    assert "git" in (home / "e2e" / "spec.yaml").read_text()
+
+    status = armature(home, "status", "e2e")
+    assert status.returncode == 0 and "succeeded" in status.stdout
+    assert armature(home, "status", "nope").returncode == 2
+
+
+def _running_with_progress(home, run_id, min_step):
+    db = ledger(home)
+    arm_runs = db.arm_runs(run_id)
+    return arm_runs and all(r["state"] == "running" and (r["last_step"] or 0) >= min_step for r in arm_runs)
+
+
+def _assert_curve_continues(home, run_id, arm_runs, total):
+    for arm_run in arm_runs:
+        steps = metric_steps(home / run_id / arm_run["arm"] / f"seed{arm_run['seed']}")
+        train_steps = sorted(set(steps))
+        assert steps == sorted(steps), "a resumed run must not write steps twice"
+        assert train_steps == list(range(5, total + 1, 5))
+
+
+def test_ctrl_c_then_resume_continues_the_same_curve(tmp_path):
+    home = tmp_path / "home"
+    proc = start_armature(home, "ablation", str(tiny_spec(tmp_path, LONG_ARMS)), "--run-id", "cc",
+                          "--metrics-port", "-1", log=tmp_path / "log")
+    try:
+        wait_for(lambda: (home / "ledger.sqlite").exists() and _running_with_progress(home, "cc", 40), 180,
+                 "both arms past step 40")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 130, (tmp_path / "log").read_text()
+    finally:
+        proc.kill()
+    db = ledger(home)
+    assert db.get_run("cc")["state"] == "interrupted"
+    stopped_at = {}
+    for arm_run in db.arm_runs("cc"):
+        assert arm_run["state"] == "pending" and "interrupted" in arm_run["reason"]
+        (attempt,) = db.attempts(arm_run["id"])
+        assert attempt["state"] == "interrupted" and attempt["exit_code"] == 143
+        assert (home / "cc" / arm_run["arm"] / "seed0" / "checkpoints" / "last.pt").exists()
+        stopped_at[arm_run["id"]] = attempt["end_step"]
+
+    result = armature(home, "resume", "cc", "--metrics-port", "-1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    arm_runs = db.arm_runs("cc")
+    assert all(r["state"] == "succeeded" for r in arm_runs)
+    _assert_curve_continues(home, "cc", arm_runs, 400)
+    for arm_run in arm_runs:
+        first, second = db.attempts(arm_run["id"])
+        assert second["state"] == "succeeded" and second["started_at"] >= first["ended_at"]
+        log = (home / "cc" / arm_run["arm"] / "seed0" / "log").read_text()
+        assert "resum" in log.lower(), "the second attempt must start from the checkpoint"
+    assert armature(home, "resume", "cc").returncode == 2        # finished: nothing to resume
+
+
+def _trainer_pids(run_dir):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if "trainers.vqvae" in cmdline and str(run_dir) in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+def test_kill_9_then_resume_runs_no_arm_twice(tmp_path):
+    home = tmp_path / "home"
+    proc = start_armature(home, "ablation", str(tiny_spec(tmp_path, LONG_ARMS)), "--run-id", "k9",
+                          "--metrics-port", "-1", log=tmp_path / "log")
+    try:
+        wait_for(lambda: (home / "ledger.sqlite").exists() and _running_with_progress(home, "k9", 40), 180,
+                 "both arms past step 40")
+    finally:
+        proc.kill()                                         # SIGKILL: no handler runs
+        proc.wait(30)
+    db = ledger(home)
+    assert db.get_run("k9")["state"] == "running"           # nobody recorded an end
+    result = armature(home, "resume", "k9", "--metrics-port", "-1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    arm_runs = db.arm_runs("k9")
+    assert all(r["state"] == "succeeded" for r in arm_runs)
+    for arm_run in arm_runs:
+        attempts = db.attempts(arm_run["id"])
+        assert attempts[0]["state"] == "lost" and attempts[-1]["state"] == "succeeded"
+        for earlier, later in zip(attempts, attempts[1:]):
+            assert later["started_at"] >= earlier["ended_at"], "two attempts of one arm run overlapped"
+    _assert_curve_continues(home, "k9", arm_runs, 400)
+    assert _trainer_pids(home / "k9") == []
+
+
+def test_diverged_arm_ends_diverged_and_the_others_go_on(tmp_path):
+    home = tmp_path / "home"
+    spec = TWO_ARMS.replace("set: {model.codebook_size: 16}", "set: {lr: 1.0e+8, vq.ema: false}") \
+        .replace("seeds: 2", "seeds: 1")
+    result = armature(home, "ablation", str(tiny_spec(tmp_path, spec)), "--run-id", "dv", "--metrics-port", "-1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    states = {r["arm"]: (r["state"], r["reason"]) for r in ledger(home).arm_runs("dv")}
+    assert states["a"][0] == "succeeded"
+    assert states["b"] == ("diverged", "loss became NaN or inf")
+    assert "diverged" in (home / "dv" / "results.md").read_text()
+
+
+def test_one_upstream_tokenizer_run_shared_by_several_arms(tmp_path):
+    home = tmp_path / "home"
+    spec = f"""name: mg
+trainer: maskgit
+metric: {{name: heldout_masked_acc, mode: max}}
+base:
+  steps: 10
+  eval_every: 10
+  log_every: 5
+  batch_size: 16
+  num_samples: 8
+  num_inpaint: 8
+  model.dim: 32
+  data: {{num_train: 128, num_heldout: 32}}
+  tokenizer: {TINY_VQVAE_BASE}
+arms:
+  - name: a
+  - name: b
+    set: {{decode_steps: 2}}
+  - name: c
+    set: {{tokenizer.model.codebook_size: 16}}
+resources: {{gpus: 0}}
+"""
+    result = armature(home, "ablation", str(tiny_spec(tmp_path, spec)), "--run-id", "up", "--metrics-port", "-1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    db = ledger(home)
+    upstream = db.arm_runs("up", kind="upstream")
+    assert len(upstream) == 2 and all(r["state"] == "succeeded" and r["trainer"] == "vqvae" for r in upstream)
+    assert all(len(db.attempts(r["id"])) == 1 for r in upstream), "each tokenizer config trains once"
+    dirs = {}
+    for arm_run in db.arm_runs("up", kind="arm"):
+        assert arm_run["state"] == "succeeded"
+        config = json.loads((home / "up" / arm_run["arm"] / "seed0" / "config.json").read_text())
+        dirs[arm_run["arm"]] = config["tokenizer_dir"]
+        started = db.attempts(arm_run["id"])[0]["started_at"]
+        tokenizer = next(r for r in upstream if r["out_dir"] == config["tokenizer_dir"])
+        assert db.attempts(tokenizer["id"])[0]["ended_at"] <= started, "an arm started before its tokenizer ended"
+    assert dirs["a"] == dirs["b"] != dirs["c"]
+    assert all((home / "up" / "_upstream").glob("*/artifact.pt"))
+
+
+def test_two_node_ray_cluster_runs_arms_on_both_nodes(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        home = tmp_path / "home"
+        spec = TWO_ARMS.replace("seeds: 2", "seeds: 1").replace("steps: 20,", "steps: 60,")
+        result = armature(home, "ablation", str(tiny_spec(tmp_path, spec)), "--run-id", "tn", "--metrics-port", "-1",
+                          "--ray-address", cluster.address)
+        assert result.returncode == 0, result.stdout + result.stderr
+        db = ledger(home)
+        nodes = {db.attempts(r["id"])[0]["ray_node"] for r in db.arm_runs("tn")}
+        assert len(nodes) == 2, "with one CPU per node, the two arms must run on different nodes"
+        assert all(r["state"] == "succeeded" for r in db.arm_runs("tn"))
+    finally:
+        cluster.shutdown()
+
+
+def test_cancel_from_another_process(tmp_path):
+    home = tmp_path / "home"
+    proc = start_armature(home, "ablation", str(tiny_spec(tmp_path, LONG_ARMS)), "--run-id", "cx",
+                          "--metrics-port", "-1", log=tmp_path / "log")
+    try:
+        wait_for(lambda: (home / "ledger.sqlite").exists() and _running_with_progress(home, "cx", 10), 180,
+                 "arms running")
+        result = armature(home, "cancel", "cx")
+        assert result.returncode == 0, result.stderr
+        assert proc.wait(120) in (0, 1)
+    finally:
+        proc.kill()
+    db = ledger(home)
+    assert db.get_run("cx")["state"] == "cancelled"
+    assert all(r["state"] == "cancelled" for r in db.arm_runs("cx"))
+    assert _trainer_pids(home / "cx") == []
