@@ -174,14 +174,14 @@ def _make_backend(name: str, study, ledger: Ledger, run_id: str, run_dir: Path, 
 def _arm_gpus(backend, study) -> float:
     """GPUs per arm run after the memory guard; 0 where there is no GPU (the arms run on CPU)."""
     from orchestrator.runs import gpu_share
-    from orchestrator.telemetry.gpu import LocalGpus
+    from orchestrator.telemetry.gpu import local_gpus
 
     wanted = study.resources.gpus
     if backend.name != "local":
         return wanted
     if backend.resources().get("GPU", 0) == 0:
         return 0.0
-    gpus = LocalGpus()
+    gpus = local_gpus()
     card = gpus.memory_total_bytes(0) if gpus.available else None
     return gpu_share(wanted, study.resources.gpu_memory_gb, card / 1e9 if card else None)
 
@@ -201,17 +201,18 @@ def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, c
              adopt: dict | None = None) -> int:
     from orchestrator.progress import Progress
     from orchestrator.scheduler import Scheduler
-    from orchestrator.telemetry.gpu import LocalGpus
+    from orchestrator.telemetry.gpu import local_gpus
 
     progress = Progress(study.metric.name, console)
     for arm_run in ledger.arm_runs(run_id):
         progress.add(arm_run["id"], arm_run["arm"], arm_run["seed"], arm_run["total_steps"], arm_run["state"],
                      arm_run["last_step"])
     gpus = max((r["gpus"] for r in ledger.arm_runs(run_id)), default=0)
-    scheduler = Scheduler(ledger, run_id, study, backend, run_dir, progress=progress, local_gpus=LocalGpus(),
+    gpu_reader = local_gpus()
+    scheduler = Scheduler(ledger, run_id, study, backend, run_dir, progress=progress, local_gpus=gpu_reader,
                           max_concurrent=_max_concurrent(backend, study, gpus))
     scheduler.adopt = adopt or {}
-    exporter = _start_exporter(args.metrics_port, console)
+    exporter = _start_exporter(args.metrics_port, console, gpu_reader)
 
     def on_sigint(signum, frame):
         if scheduler.interrupted:
@@ -239,12 +240,12 @@ def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, c
     return 1 if failed and state == "finished" else 0
 
 
-def _start_exporter(port: int, console: Console):
+def _start_exporter(port: int, console: Console, gpu_reader):
     if port < 0:
         return None
     from orchestrator.telemetry.exporter import Exporter
 
-    exporter = Exporter(paths.ledger_path(), port=port)
+    exporter = Exporter(paths.ledger_path(), port=port, local_gpus=gpu_reader)
     try:
         exporter.start()
     except OSError as exc:
@@ -349,8 +350,9 @@ def cmd_reap(args) -> int:
 
 def cmd_exporter(args) -> int:
     from orchestrator.telemetry.exporter import Exporter
+    from orchestrator.telemetry.gpu import local_gpus
 
-    exporter = Exporter(paths.ledger_path(), host=args.host, port=args.port)
+    exporter = Exporter(paths.ledger_path(), addr=args.host, port=args.port, local_gpus=local_gpus())
     exporter.start()
     print(f"serving http://{args.host}:{exporter.port}/metrics (Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -26,7 +26,7 @@ from pathlib import Path
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Backend
 from orchestrator.ledger import ACTIVE_STATES, FINAL_STATES, Ledger
 from orchestrator.spec import Study
-from orchestrator.telemetry.gpu import LocalGpus, host_memory_ratio
+from orchestrator.telemetry.gpu import GpuSample, LocalGpus, SmiGpus, host_memory_ratio
 from orchestrator.telemetry.watchdog import Watchdog, pause_requested
 
 TICK_SECONDS = 0.25
@@ -51,7 +51,7 @@ class Running:
 
 class Scheduler:
     def __init__(self, ledger: Ledger, run_id: str, study: Study, backend: Backend, run_dir: Path,
-                 progress=None, local_gpus: LocalGpus | None = None, max_concurrent: int | None = None):
+                 progress=None, local_gpus: LocalGpus | SmiGpus | None = None, max_concurrent: int | None = None):
         self.ledger = ledger
         self.run_id = run_id
         self.study = study
@@ -197,7 +197,7 @@ class Scheduler:
         elif kind == "health":
             samples = event["samples"]
             self.ledger.record_health(samples, self.run_id, running.arm_run["arm"])
-            breach = self.watchdog.check(_samples(samples), None) if self.study.watchdog.enabled else None
+            breach = self.watchdog.check([GpuSample.from_dict(s) for s in samples], None)
             if breach:
                 self._watchdog_stop(running, breach.message)
         elif kind == "event":
@@ -320,7 +320,8 @@ class Scheduler:
         if breach is None:
             return
         for running in list(self.running.values()):
-            on_gpu = breach.gpu is None or breach.gpu in (running.gpu_index or "").split(",")
+            # a CPU arm shares the machine with an overheating GPU: it stops too
+            on_gpu = breach.gpu is None or not running.gpu_index or breach.gpu in running.gpu_index.split(",")
             if running.stop_reason is None and on_gpu:
                 self._watchdog_stop(running, breach.message)
 
@@ -341,11 +342,6 @@ class Scheduler:
     def _show(self, arm_run_id: int, **fields) -> None:
         if self.progress is not None:
             self.progress.update(arm_run_id, **fields)
-
-
-def _samples(dicts: list[dict]) -> list:
-    from orchestrator.telemetry.gpu import GpuSample
-    return [GpuSample.from_dict(d) for d in dicts]
 
 
 def _read_summary(out_dir: Path) -> dict | None:

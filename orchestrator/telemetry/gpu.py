@@ -11,7 +11,9 @@ because a GPU, a driver or NVML is missing.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -289,6 +291,38 @@ class LocalGpus:
                 if value is not None:
                     return int(value)
         return None
+
+
+class SmiGpus:
+    """The GPUs of this machine through the `nvidia-smi` command, where NVML cannot be loaded
+    (a container without the library, or the Vast simulator's stand-in on PATH)."""
+
+    def __init__(self, host: str | None = None):
+        self.host = host or socket.gethostname()
+        self.command = shutil.which("nvidia-smi")
+        self.available = self.command is not None and bool(self.read())
+        self.reason = "" if self.available else "no nvidia-smi on PATH, or it lists no GPU"
+
+    def read(self) -> list[GpuSample]:
+        if self.command is None:
+            return []
+        try:
+            out = subprocess.run([self.command, *NVIDIA_SMI_QUERY[1:]], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return parse_nvidia_smi_csv(out.stdout, self.host, time.time()) if out.returncode == 0 else []
+
+    def memory_total_bytes(self, index: int) -> int | None:
+        return next((s.memory_total_bytes for s in self.read() if s.gpu == str(index)), None)
+
+
+def local_gpus(host: str | None = None) -> LocalGpus | SmiGpus:
+    """This machine's GPU reader: NVML, else nvidia-smi, else an NVML reader that says why it is unavailable."""
+    nvml = LocalGpus(host)
+    if nvml.available:
+        return nvml
+    smi = SmiGpus(host)
+    return smi if smi.available else nvml
 
 
 def _optional_float(value: Any) -> float | None:
