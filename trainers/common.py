@@ -214,8 +214,9 @@ class Run:
         self.device = torch.device("cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
         self.use_bf16 = bool(getattr(cfg, "bf16", False)) and self.device.type == "cuda"
 
+        self._prev_handler = None
         try:  # only possible in the main thread; elsewhere (tests, threads) the flag just never flips
-            signal.signal(signal.SIGTERM, _on_sigterm)
+            self._prev_handler = signal.signal(signal.SIGTERM, _on_sigterm)
         except ValueError:
             pass
 
@@ -352,7 +353,14 @@ class Run:
         atomic_write_bytes(self.out / "artifact.pt", lambda f: torch.save(obj, f))
 
     def close(self):
+        """Flushes metrics and gives SIGTERM back to whoever handled it before this Run."""
         self._close_metrics()
+        if self._prev_handler is not None:
+            try:
+                signal.signal(signal.SIGTERM, self._prev_handler)
+            except ValueError:
+                pass
+            self._prev_handler = None
 
 
 # -----------------------------------------------------------------------------
@@ -414,7 +422,7 @@ def load_config(config_cls, path: str | None, overrides: dict | None = None):
     raw: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists() or p.is_dir():
             raise BadConfig(f"config file not found: {path}")
         try:
             raw = json.loads(p.read_text() or "{}")
