@@ -34,8 +34,18 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# BACKEND=vast without VAST_API_KEY talks to the local simulator (`make cloud-sim` in another terminal).
+SIM_URL := http://127.0.0.1:8765
+ifeq ($(BACKEND),vast)
+ifndef VAST_API_KEY
+VAST_ENV := VAST_API_KEY=vastsim-dev-key
+VAST_ARGS := --set vast.server_url=$(SIM_URL)
+endif
+endif
+
 ablation: $(STAMP)
-	$(VENV)/bin/armature ablation $(ARMS) $(if $(BACKEND),--backend $(BACKEND)) $(ARGS)
+	@$(if $(VAST_ENV),echo "no VAST_API_KEY: using the Vast simulator at $(SIM_URL) (start it with make cloud-sim)")
+	$(VAST_ENV) $(VENV)/bin/armature ablation $(ARMS) $(if $(BACKEND),--backend $(BACKEND)) $(VAST_ARGS) $(ARGS)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cancel", help="stop a run's arms and tear its instances down")
     p.add_argument("run_id")
+    p.add_argument("--server-url", help="Vast API URL (default: the SDK's, or VAST_URL)")
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("report", help="(re)write results.md, results.csv and plots/")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reap", help="destroy instances labelled as ours that no live run owns")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--server-url", help="Vast API URL (default: the SDK's, or VAST_URL)")
     p.set_defaults(func=cmd_reap)
 
     p = sub.add_parser("exporter", help="serve GPU health and ledger state to Prometheus")
@@ -132,9 +134,10 @@ def cmd_ablation(args) -> int:
         create_run(ledger, plan, run_id, run_dir, backend_name, code_version(), gpus)
         estimate_event(ledger, run_id, plan, gpus)
         console.print(f"run [bold]{run_id}[/bold]  ({run_dir})")
-        return _execute(ledger, run_id, plan.study, backend, run_dir, args, console)
+        state = _execute(ledger, run_id, plan.study, backend, run_dir, args, console)
     finally:
         backend.shutdown()
+    return _conclude(ledger, run_id, run_dir, state, backend, console)
 
 
 def cmd_resume(args) -> int:
@@ -154,11 +157,13 @@ def cmd_resume(args) -> int:
     study = Study.model_validate({k: v for k, v in spec.items() if k not in ("source", "git")})
     adopt = settle_orphans(ledger, args.run_id)
     backend = _make_backend(run["backend"], study, ledger, args.run_id, run_dir, args)
+    console = Console()
     backend.start()
     try:
-        return _execute(ledger, args.run_id, study, backend, run_dir, args, Console(), adopt=adopt)
+        state = _execute(ledger, args.run_id, study, backend, run_dir, args, console, adopt=adopt)
     finally:
         backend.shutdown()
+    return _conclude(ledger, args.run_id, run_dir, state, backend, console)
 
 
 def _make_backend(name: str, study, ledger: Ledger, run_id: str, run_dir: Path, args):
@@ -186,19 +191,9 @@ def _arm_gpus(backend, study) -> float:
     return gpu_share(wanted, study.resources.gpu_memory_gb, card / 1e9 if card else None)
 
 
-def _max_concurrent(backend, study, gpus: float) -> int | None:
-    """Local: as many arm runs at once as the cluster's CPUs (and GPUs) hold, so none waits inside Ray."""
-    if backend.name != "local":
-        return None
-    resources = backend.resources()
-    slots = int(resources.get("CPU", 1) // study.resources.cpus) or 1
-    if gpus:
-        slots = min(slots, int(resources.get("GPU", 0) // gpus) or 1)
-    return slots
-
-
 def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, console: Console,
-             adopt: dict | None = None) -> int:
+             adopt: dict | None = None) -> str:
+    """Drive the run's arm runs to their ends (or to Ctrl-C); returns the run's state."""
     from orchestrator.progress import Progress
     from orchestrator.scheduler import Scheduler
     from orchestrator.telemetry.gpu import local_gpus
@@ -210,7 +205,7 @@ def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, c
     gpus = max((r["gpus"] for r in ledger.arm_runs(run_id)), default=0)
     gpu_reader = local_gpus()
     scheduler = Scheduler(ledger, run_id, study, backend, run_dir, progress=progress, local_gpus=gpu_reader,
-                          max_concurrent=_max_concurrent(backend, study, gpus))
+                          max_concurrent=backend.max_concurrent(study.resources.cpus, gpus))
     scheduler.adopt = adopt or {}
     exporter = _start_exporter(args.metrics_port, console, gpu_reader)
 
@@ -220,24 +215,37 @@ def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, c
         console.print("[yellow]stopping: trainers checkpoint and exit (Ctrl-C again to stop waiting)[/yellow]")
         scheduler.interrupt()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    signal.signal(signal.SIGTERM, on_sigint)
+    previous = signal.signal(signal.SIGINT, on_sigint), signal.signal(signal.SIGTERM, on_sigint)
     progress.start()
     try:
         state = scheduler.run()
     finally:
         progress.stop()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
         if exporter is not None:
             exporter.stop()
+    return state
+
+
+def _conclude(ledger: Ledger, run_id: str, run_dir: Path, state: str, backend, console: Console) -> int:
+    """After the backend has shut down (instances destroyed): billed charges, the report, the exit code."""
     from orchestrator.report import write_report
+
+    if backend.name == "vast":
+        import requests
+        from orchestrator.cost import fetch_provider_charges
+        try:
+            fetch_provider_charges(backend.client, ledger, run_id)
+        except requests.RequestException as exc:
+            console.print(f"[yellow]could not fetch billed charges ({exc}); `armature cost` shows estimates[/yellow]")
     write_report(ledger, run_id, run_dir, console=console)
     console.print(f"run {run_id}: {state}; results in {run_dir / 'results.md'}")
     if state == "interrupted":
         console.print(f"continue with: armature resume {run_id}")
         return 130
-    failed = [r for r in ledger.arm_runs(run_id) if r["state"] in ("failed", "cancelled")]
-    return 1 if failed and state == "finished" else 0
+    unfinished = [r for r in ledger.arm_runs(run_id) if r["state"] in ("failed", "cancelled")]
+    return 1 if unfinished and state == "finished" else 0
 
 
 def _start_exporter(port: int, console: Console, gpu_reader):
@@ -304,19 +312,25 @@ def cmd_cancel(args) -> int:
         print(f"run {args.run_id}: {ledger.get_run(args.run_id)['state']}")
         return 0
     settle_orphans(ledger, args.run_id)
-    if run["backend"] == "vast":
-        _teardown_instances(ledger, args.run_id)
+    for attempt in ledger.open_attempts(args.run_id):      # attempts on rented instances
+        ledger.end_attempt(attempt["id"], "cancelled", reason="run cancelled")
     for arm_run in ledger.arm_runs(args.run_id):
         if arm_run["state"] not in FINAL_STATES:
             ledger.transition(arm_run["id"], "cancelled", "run cancelled")
     ledger.set_run_state(args.run_id, "cancelled")
+    if run["backend"] == "vast":
+        _teardown_instances(ledger, args.run_id, args.server_url)
     print(f"run {args.run_id}: cancelled")
     return 0
 
 
-def _teardown_instances(ledger: Ledger, run_id: str) -> None:
-    from orchestrator.backends.vast.reap import destroy_run_instances
-    destroy_run_instances(ledger, run_id)
+def _teardown_instances(ledger: Ledger, run_id: str, server_url: str | None) -> None:
+    from orchestrator.backends.vast.provider import make_client
+    from orchestrator.backends.vast.reap import reap
+
+    for entry in reap(make_client(server_url), ledger, only_run=run_id):
+        print(f"destroyed instance {entry['provider_instance_id']} ({entry['label']}): "
+              f"{'confirmed' if entry['destroyed'] else 'NOT confirmed; run `armature reap`'}")
 
 
 def cmd_report(args) -> int:
@@ -341,11 +355,17 @@ def cmd_cost(args) -> int:
 
 
 def cmd_reap(args) -> int:
-    from orchestrator.backends.vast.reap import reap_command
+    from orchestrator.backends.vast.provider import make_client
+    from orchestrator.backends.vast.reap import reap
 
-    ledger = Ledger(paths.ledger_path())
-    print(reap_command(ledger, dry_run=args.dry_run))
-    return 0
+    found = reap(make_client(args.server_url), Ledger(paths.ledger_path()), dry_run=args.dry_run)
+    if not found:
+        print("no orphaned armature instances")
+    for entry in found:
+        outcome = {None: "would destroy", True: "destroyed (confirmed)", False: "destroy NOT confirmed"}
+        print(f"{outcome[entry['destroyed']]}: instance {entry['provider_instance_id']} {entry['label']} "
+              f"({entry['status']}, ${entry['dph_total'] or 0:.3f}/h): {entry['reason']}")
+    return 1 if any(entry["destroyed"] is False for entry in found) else 0
 
 
 def cmd_exporter(args) -> int:

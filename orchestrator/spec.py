@@ -441,11 +441,9 @@ def spec_yaml(plan: Plan, git: dict) -> str:
 
 
 def json_schema() -> dict:
+    from orchestrator.backends.vast.config import VastConfig
+
     schema = Study.model_json_schema()
-    try:
-        from orchestrator.backends.vast.config import VastConfig
-        schema["properties"]["vast"] = {**VastConfig.model_json_schema(), "description":
-                                        schema["properties"]["vast"].get("description", "")}
-    except ImportError:
-        pass
+    schema["properties"]["vast"] = {**VastConfig.model_json_schema(),
+                                    "description": schema["properties"]["vast"]["description"]}
     return schema

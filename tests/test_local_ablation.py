@@ -236,3 +236,15 @@ def test_cancel_from_another_process(tmp_path):
     assert db.get_run("cx")["state"] == "cancelled"
     assert all(r["state"] == "cancelled" for r in db.arm_runs("cx"))
     assert _trainer_pids(home / "cx") == []
+
+
+def test_early_stop_rule_ends_an_arm_with_its_reason(tmp_path):
+    home = tmp_path / "home"
+    spec = LONG_ARMS.replace("arms:", "early_stop: [{metric: loss, after_step: 20, below: 1000}]\narms:") \
+        .replace("  - name: b\n    set: {model.codebook_size: 16}\n", "")
+    result = armature(home, "ablation", str(tiny_spec(tmp_path, spec)), "--run-id", "es", "--metrics-port", "-1")
+    assert result.returncode == 1, result.stdout + result.stderr          # an arm did not finish
+    (arm_run,) = ledger(home).arm_runs("es")
+    assert arm_run["state"] == "cancelled"
+    assert arm_run["reason"].startswith("early stop: loss=") and "below 1000" in arm_run["reason"]
+    assert 20 <= arm_run["last_step"] < 400

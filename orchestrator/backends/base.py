@@ -59,6 +59,9 @@ class Backend(Protocol):
     def start(self) -> None:
         """Acquire what the backend needs for a run (a Ray runtime, an API client)."""
 
+    def max_concurrent(self, cpus: float, gpus: float) -> int | None:
+        """How many attempts of this size can run at once (None: no limit known)."""
+
     def run_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
         """Run one attempt to its end; blocks. Must return (not raise) for trainer failures."""
 

@@ -169,6 +169,14 @@ class LocalBackend:
     def resources(self) -> dict:
         return ray.cluster_resources()
 
+    def max_concurrent(self, cpus: float, gpus: float) -> int:
+        """As many as the cluster's CPUs (and GPUs) hold, so no attempt waits inside Ray's queue."""
+        resources = self.resources()
+        slots = int(resources.get("CPU", 1) // cpus) or 1
+        if gpus:
+            slots = min(slots, int(resources.get("GPU", 0) // gpus) or 1)
+        return slots
+
     def run_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
         task = self._task.options(num_cpus=spec.cpus, num_gpus=spec.gpus, num_returns="streaming")
         stream = task.remote(spec, self._board)

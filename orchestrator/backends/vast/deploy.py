@@ -1,0 +1,255 @@
+"""Deploy the code to an instance through git, and prepare the instance to run arms.
+
+The exact commit travels as a `git bundle` of HEAD, uploaded over SFTP and
+cloned on the instance. A working tree with uncommitted changes is refused
+unless `allow_dirty`; then the changes travel too, as `git diff HEAD --binary`
+(applied after the clone) plus a tar of the untracked, not-ignored files, and
+their hash is recorded. Dependencies come from the project's own
+`requirements-trainer.txt`: when the image's python already has every
+distribution it names (a stock PyTorch image plus a few, or the simulator),
+nothing is installed; otherwise a venv with the system site-packages gets
+`pip install -r` on top. An install failure fails the attempt with the log tail.
+
+Remote layout (all under `<home>/<remote_dir>`, see `InstancePaths`):
+  supervisor.py            infra/remote/supervisor.py of this checkout
+  code-<version>/          the clone (one folder per deployed version, never replaced under a running arm)
+  python-<version>         the interpreter arms of that version run with
+  last-contact             touched by every poll; the watchdog destroys the instance when it goes stale
+  work/a<attempt id>/      one attempt: config.json, out/, heartbeat, exit.json, logs
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.backends.vast.config import VastConfig
+from orchestrator.backends.vast.ssh import Connection, Remote
+from orchestrator.errors import UserError
+
+SUPERVISOR = Path("infra") / "remote" / "supervisor.py"
+REQUIREMENTS = "requirements-trainer.txt"
+
+
+class DeployError(Exception):
+    """The code or its dependencies could not be set up on the instance (the message holds the log tail)."""
+
+
+# ---- the code bundle (local) --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CodeBundle:
+    repo_root: Path
+    commit: str
+    diff_hash: str | None           # sha256 of the shipped uncommitted changes; None for a clean tree
+    bundle: Path                    # git bundle of HEAD
+    patch: Path | None              # git diff HEAD --binary
+    untracked: Path | None          # tar of untracked, not ignored files
+
+    @property
+    def version(self) -> str:
+        return self.commit[:12] + (f"-{self.diff_hash[:8]}" if self.diff_hash else "")
+
+
+def _git(repo: Path, *args: str, binary: bool = False) -> str | bytes:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=120)
+    if done.returncode != 0:
+        raise UserError(f"git {' '.join(args)} failed in {repo}: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout if binary else done.stdout.decode()
+
+
+def make_code_bundle(repo_root: Path, dest: Path, allow_dirty: bool, secrets: tuple[str, ...] = ()) -> CodeBundle:
+    """Bundle HEAD (and, with allow_dirty, the uncommitted changes) into `dest`.
+
+    Refuses when a file that would be shipped contains one of `secrets` (the account API key).
+    """
+    repo_root, dest = Path(repo_root), Path(dest)
+    if not (repo_root / ".git").exists():
+        raise UserError(f"{repo_root} is not a git checkout: the vast backend deploys code through git")
+    commit = _git(repo_root, "rev-parse", "HEAD").strip()
+    changed = [line[3:] for line in _git(repo_root, "status", "--porcelain", "--untracked-files=all").splitlines()]
+    if changed and not allow_dirty:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise UserError(f"the working tree has uncommitted changes ({shown}); instances run exactly commit "
+                        f"{commit[:12]}: commit them, or allow dirty deploys to ship them as a patch")
+    _refuse_secrets(repo_root, secrets)
+    dest.mkdir(parents=True, exist_ok=True)
+    bundle = dest / "code.bundle"
+    _git(repo_root, "bundle", "create", str(bundle), "HEAD")
+    patch = untracked = diff_hash = None
+    if changed:
+        diff = _git(repo_root, "diff", "HEAD", "--binary", binary=True)
+        names = [n for n in _git(repo_root, "ls-files", "--others", "--exclude-standard", "-z").split("\0") if n]
+        digest = hashlib.sha256(diff)
+        if diff:
+            patch = dest / "changes.patch"
+            patch.write_bytes(diff)
+        if names:
+            untracked = dest / "untracked.tar"
+            with tarfile.open(untracked, "w") as tar:
+                for name in sorted(names):
+                    path = repo_root / name
+                    if path.is_file():
+                        tar.add(path, arcname=name, recursive=False)
+                        digest.update(name.encode() + b"\0" + path.read_bytes())
+        diff_hash = digest.hexdigest()
+    return CodeBundle(repo_root, commit, diff_hash, bundle, patch, untracked)
+
+
+def _refuse_secrets(repo_root: Path, secrets: tuple[str, ...]) -> None:
+    """No file git would ship (tracked or untracked, not ignored) may contain a secret."""
+    needles = [s.encode() for s in secrets if s]
+    if not needles:
+        return
+    listed = _git(repo_root, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
+    for name in filter(None, listed):
+        path = repo_root / name
+        try:
+            if path.is_file() and path.stat().st_size < 50 << 20:
+                data = path.read_bytes()
+                if any(n in data for n in needles):
+                    raise UserError(f"{name} contains the Vast API key; it would be shipped to rented machines. "
+                                    "Remove the key from the file (or git-ignore the file)")
+        except OSError:
+            continue
+
+
+# ---- remote layout ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InstancePaths:
+    base: str                       # absolute folder on the instance
+
+    @property
+    def supervisor(self) -> str:
+        return f"{self.base}/supervisor.py"
+
+    @property
+    def contact(self) -> str:
+        return f"{self.base}/last-contact"
+
+    def code(self, version: str) -> str:
+        return f"{self.base}/code-{version}"
+
+    def python_file(self, version: str) -> str:
+        return f"{self.base}/python-{version}"
+
+    def work(self, attempt_id: int) -> str:
+        return f"{self.base}/work/a{attempt_id}"
+
+
+def resolve_paths(remote: Remote, cfg: VastConfig) -> InstancePaths:
+    home = remote.run('printf %s "$HOME"', check=True).stdout.strip() or "/root"
+    return InstancePaths(f"{home.rstrip('/')}/{cfg.remote_dir.strip('/')}")
+
+
+def detached(cwd: str, argv: list[str], log: str) -> str:
+    """A shell command starting argv in its own session, immune to the SSH connection closing.
+
+    Only the setsid command is backgrounded (not a subshell holding the channel open), with every
+    standard stream redirected, so the SSH command returns at once.
+    """
+    q = shlex.quote
+    return f"cd {q(cwd)} || exit 1; setsid nohup {shlex.join(argv)} >> {q(log)} 2>&1 < /dev/null &"
+
+
+# ---- preparing an instance -----------------------------------------------------------------------------
+
+def install_helper_and_watchdog(conn: Connection, paths: InstancePaths, cfg: VastConfig, repo_root: Path) -> None:
+    """Upload the supervisor and start the dead-man watchdog (idempotent; first thing after SSH answers)."""
+    q = shlex.quote
+    watchdog = [
+        "python3", paths.supervisor, "watchdog", "--contact-file", paths.contact,
+        "--pid-file", f"{paths.base}/watchdog.pid", "--log", f"{paths.base}/watchdog.log",
+        "--silence-seconds", f"{cfg.orchestrator_silence_seconds:g}",
+        "--max-lifetime-seconds", f"{cfg.max_lifetime_hours * 3600:g}",
+        "--check-seconds", f"{min(5.0, cfg.orchestrator_silence_seconds / 4):g}",
+    ] + (["--server-url", cfg.server_url] if cfg.server_url else [])
+
+    def install(remote: Remote) -> None:
+        remote.run(["mkdir", "-p", paths.base, f"{paths.base}/work"], check=True)
+        remote.put_file(repo_root / SUPERVISOR, paths.supervisor)
+        remote.run(["touch", paths.contact], check=True)
+        remote.run(detached(paths.base, watchdog, paths.base + "/watchdog.out"), check=True)
+
+    conn.call(install)
+
+
+def deploy_code(conn: Connection, paths: InstancePaths, bundle: CodeBundle, cfg: VastConfig) -> tuple[str, str]:
+    """Clone the bundle (+ changes) into code-<version> and install dependencies; (code dir, python).
+
+    Idempotent: a version already deployed (its python-<version> file exists) is reused.
+    """
+    code, python_file = paths.code(bundle.version), paths.python_file(bundle.version)
+    q = shlex.quote
+
+    def existing(remote: Remote) -> str | None:
+        result = remote.run(f"cat {q(python_file)} 2>/dev/null")
+        return result.stdout.strip() or None
+
+    python = conn.call(existing)
+    if python:
+        return code, python
+    upload = f"{paths.base}/upload-{bundle.version}"
+
+    def push(remote: Remote) -> None:
+        remote.run(["mkdir", "-p", upload], check=True)
+        remote.put_file(bundle.bundle, f"{upload}/code.bundle")
+        if bundle.patch:
+            remote.put_file(bundle.patch, f"{upload}/changes.patch")
+        if bundle.untracked:
+            remote.put_file(bundle.untracked, f"{upload}/untracked.tar")
+
+    conn.call(push)
+    steps = [
+        "set -e",
+        "command -v git >/dev/null 2>&1 || { apt-get update -qq && "
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends git; }",
+        f"rm -rf {q(code)}.tmp",
+        f"git clone -q {q(upload + '/code.bundle')} {q(code + '.tmp')}",
+        f"git -C {q(code + '.tmp')} checkout -q --detach {q(bundle.commit)}",
+    ]
+    if bundle.patch:
+        steps.append(f"git -C {q(code + '.tmp')} apply --binary --whitespace=nowarn {q(upload + '/changes.patch')}")
+    if bundle.untracked:
+        steps.append(f"tar -xf {q(upload + '/untracked.tar')} -C {q(code + '.tmp')}")
+    steps += [f"rm -rf {q(code)}", f"mv {q(code + '.tmp')} {q(code)}", f"rm -rf {q(upload)}"]
+    _run_script(conn, "deploy the code", steps, cfg.install_timeout_seconds)
+
+    venv = f"{paths.base}/venv"
+    check = f"python3 {q(paths.supervisor)} has-requirements --requirements {q(code + '/' + REQUIREMENTS)}"
+    install = [
+        "set -e",
+        f"cd {q(code)}",
+        f"if [ -f {q(REQUIREMENTS)} ] && ! {check}; then",
+        f"  python3 -m venv --system-site-packages {q(venv)}",
+        f"  {q(venv + '/bin/pip')} install --disable-pip-version-check -q -r {q(REQUIREMENTS)}",
+        f"  echo {q(venv + '/bin/python')} > {q(python_file)}.tmp",
+        "else",
+        f"  command -v python3 > {q(python_file)}.tmp",
+        "fi",
+        f"mv {q(python_file)}.tmp {q(python_file)}",
+        f"cat {q(python_file)}",
+    ]
+    result = _run_script(conn, "install dependencies", install, cfg.install_timeout_seconds)
+    return code, result.strip().splitlines()[-1]
+
+
+def _run_script(conn: Connection, what: str, steps: list[str], timeout: float) -> str:
+    script = "\n".join(steps) + "\n"
+    started = time.monotonic()
+    result = conn.run(["bash", "-s"], stdin=script.encode(), timeout=timeout, retries=2)
+    if result.exit_code != 0:
+        raise DeployError(f"{what} failed on the instance (exit {result.exit_code}, "
+                          f"{time.monotonic() - started:.0f}s):\n{result.tail(25)}")
+    return result.stdout
+
+
+def deploy_record(bundle: CodeBundle, python: str) -> dict:
+    """What the ledger event `instance.deploy` records about a deploy."""
+    return {"commit": bundle.commit, "diff_hash": bundle.diff_hash, "version": bundle.version, "python": python}

@@ -1,0 +1,359 @@
+"""The provider layer for Vast.ai, in the shape every provider has (like SkyPilot's sky/provision/<cloud>/):
+
+    launch(...)      rent one offer: ledger row first, then the create call
+    wait_ready(...)  the readiness state machine, ending in an SSH probe with the host key pinned
+    query(...)       the provider's view of one instance (None when it is gone)
+    terminate(...)   destroy, then confirm it is gone, retrying; only then is destroyed_at set
+    list_ours(...)   instances whose label marks them as armature's
+
+Everything Vast-specific (the SDK, its statuses, its error bodies) stays behind
+these functions. Every API call goes through `call_api`, which retries
+rate limits (429), server errors and dropped connections with backoff, on top
+of the SDK's own short retry loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import requests
+
+from orchestrator.backends.vast import offers as offer_rules
+from orchestrator.backends.vast.config import VastConfig
+from orchestrator.backends.vast.ssh import HostKeyChanged, KeyPair, Remote
+from orchestrator.errors import UserError
+from orchestrator.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "vast"
+LABEL_PREFIX = "armature:"
+PENDING_STATUSES = (None, "created", "loading", "scheduling", "rebooting", "starting")
+TERMINAL_STATUSES = ("exited", "offline", "unknown", "stopped", "frozen")
+GONE_STATUSES = ("exited", "destroyed")          # after a successful DELETE
+RETRYABLE_HTTP = (429, 500, 502, 503, 504)
+OCI_FAILURE = "OCI runtime create failed"
+
+
+class ProviderError(Exception):
+    """A Vast API call failed for good (after retries)."""
+
+    def __init__(self, message: str, status: int | None = None, error: str | None = None):
+        super().__init__(message)
+        self.status, self.error = status, error
+
+
+class OfferGone(ProviderError):
+    """The offer was rented by someone else between search and create (404/410 no_such_ask)."""
+
+
+class LaunchFailed(Exception):
+    """One instance did not become usable; it has been destroyed (confirmed) when it existed."""
+
+
+class LaunchCancelled(Exception):
+    """The caller asked to stop while an instance was booting."""
+
+
+def instance_label(run_id: str, suffix: str | int) -> str:
+    """`armature:<run_id>:<attempt id>` (or another suffix); run ids never end in ':<suffix>' ambiguity."""
+    return f"{LABEL_PREFIX}{run_id}:{suffix}"
+
+
+def run_id_of_label(label: str | None) -> str | None:
+    if not label or not label.startswith(LABEL_PREFIX) or ":" not in label[len(LABEL_PREFIX):]:
+        return None
+    return label[len(LABEL_PREFIX):].rsplit(":", 1)[0]
+
+
+# ---- the client and retries --------------------------------------------------------------------
+
+def make_client(server_url: str | None = None):
+    """A VastAI client with the key from VAST_API_KEY or the SDK's key files; a missing key is a UserError."""
+    from vastai import VastAI
+
+    try:
+        return VastAI(server_url=server_url, retry=3)
+    except RuntimeError as exc:
+        raise UserError(
+            "no Vast.ai API key: set VAST_API_KEY, or save the key to ~/.config/vastai/vast_api_key "
+            "(create one at https://cloud.vast.ai/manage-keys/)") from exc
+
+
+def api_key_of(client) -> str:
+    """The account key the client holds (only for checking it never leaks; never log it)."""
+    return client.client.api_key or ""
+
+
+def _error_of(response: requests.Response | None) -> tuple[str | None, str]:
+    if response is None:
+        return None, ""
+    try:
+        body = response.json()
+    except ValueError:
+        return None, (response.text or "")[:200]
+    if isinstance(body, dict):
+        error = body.get("error") or body.get("detail")
+        return (str(error) if error else None), str(body.get("msg") or body.get("detail") or body)[:200]
+    return None, str(body)[:200]
+
+
+def call_api(what: str, fn: Callable[..., Any], *args, tries: int, backoff: float, **kwargs) -> Any:
+    """fn(*args, **kwargs), retried with exponential backoff on 429, 5xx and connection errors."""
+    delay = backoff
+    for attempt in range(1, tries + 1):
+        try:
+            return fn(*args, **kwargs)
+        except requests.HTTPError as exc:
+            response = exc.response
+            status = response.status_code if response is not None else None
+            error, message = _error_of(response)
+            if status in RETRYABLE_HTTP and attempt < tries and error != "search_quota_exceeded":
+                wait = delay
+                retry_after = response.headers.get("Retry-After") if response is not None else None
+                if retry_after:
+                    try:
+                        wait = max(wait, min(float(retry_after), 60.0))
+                    except ValueError:
+                        pass
+                log.info("vast %s: HTTP %s, retrying in %.1fs", what, status, wait)
+                time.sleep(wait)
+                delay = min(delay * 2, 60.0)
+                continue
+            cls = OfferGone if status in (404, 410) and error == "no_such_ask" else ProviderError
+            raise cls(f"vast {what}: HTTP {status} {error or ''} {message}".strip(), status, error) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            if attempt < tries:
+                log.info("vast %s: %s, retrying in %.1fs", what, type(exc).__name__, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            raise ProviderError(f"vast {what}: {type(exc).__name__} after {tries} tries") from None
+    raise AssertionError("unreachable")
+
+
+def _api(cfg: VastConfig) -> dict:
+    return {"tries": cfg.api_retries, "backoff": cfg.api_backoff_seconds}
+
+
+# ---- offers and keys ---------------------------------------------------------------------------
+
+def search_offers(client, cfg: VastConfig) -> list[dict]:
+    return call_api("search offers", client.search_offers, query=offer_rules.build_query(cfg),
+                    type="bid" if cfg.interruptible else "on-demand", order=[["dph_total", "asc"]],
+                    limit=cfg.offers_per_search, storage=cfg.disk_gb, no_default=True, **_api(cfg))
+
+
+def _same_key(a: str, b: str) -> bool:
+    return a.split()[:2] == b.split()[:2]
+
+
+def register_ssh_key(client, cfg: VastConfig, public_line: str) -> int | None:
+    """Put the run's public key on the account (before any create, so new instances get it); its key id."""
+    for entry in call_api("list ssh keys", client.show_ssh_keys, **_api(cfg)) or []:
+        if isinstance(entry, dict) and _same_key(str(entry.get("key") or entry.get("public_key") or ""), public_line):
+            return entry.get("id")
+    created = call_api("add ssh key", client.create_ssh_key, public_line, **_api(cfg))
+    if isinstance(created, dict):
+        return created.get("id") or (created.get("key") or {}).get("id")
+    return None
+
+
+def remove_ssh_key(client, cfg: VastConfig, key_id: int) -> None:
+    call_api("delete ssh key", client.delete_ssh_key, key_id, **_api(cfg))
+
+
+# ---- launch ------------------------------------------------------------------------------------------
+
+def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict, label: str,
+           public_key: str, env: dict[str, str]) -> int:
+    """Rent `offer`; returns the ledger id of the instance (its row exists before the provider is asked)."""
+    instance_id = ledger.add_instance(
+        run_id=run_id, provider=PROVIDER, label=label, offer_id=str(offer["id"]),
+        machine_id=str(offer.get("machine_id")), gpu_name=offer.get("gpu_name"), num_gpus=offer.get("num_gpus"),
+        dph_total=float(offer["dph_total"]))
+    try:
+        answer = call_api("create instance", client.create_instance, int(offer["id"]), image=cfg.image,
+                          disk=cfg.disk_gb, env=env, label=label, cancel_unavail=True, ssh=True, direct=True,
+                          price=offer_rules.bid_price(offer, cfg), **_api(cfg))
+    except ProviderError as exc:
+        _settle_failed_create(client, ledger, cfg, instance_id, label, exc)
+        raise
+    provider_id = answer.get("new_contract") if isinstance(answer, dict) else None
+    if not provider_id:
+        ledger.update_instance(instance_id, state="failed_create", reason=f"create answered {answer!r}"[:300])
+        raise ProviderError(f"vast create instance: unexpected answer {answer!r}"[:300])
+    ledger.update_instance(instance_id, provider_instance_id=str(provider_id), state="booting")
+    try:    # also on the instance itself: the account key can land late on a fresh instance
+        call_api("attach ssh key", client.attach_ssh, int(provider_id), public_key, **_api(cfg))
+    except ProviderError as exc:
+        log.warning("instance %s: could not attach the ssh key (%s); relying on the account key", provider_id, exc)
+    return instance_id
+
+
+def _settle_failed_create(client, ledger: Ledger, cfg: VastConfig, instance_id: int, label: str,
+                          exc: ProviderError) -> None:
+    """A create that failed: unless the answer proves nothing was rented, look for it by label."""
+    if isinstance(exc, OfferGone) or (exc.status is not None and 400 <= exc.status < 500):
+        ledger.update_instance(instance_id, state="failed_create", reason=str(exc)[:300])
+        return
+    try:
+        found = [i for i in list_ours(client, cfg, label) if i.get("label") == label
+                 and i.get("actual_status") not in GONE_STATUSES]
+    except ProviderError:
+        found = []
+    if found:
+        ledger.update_instance(instance_id, provider_instance_id=str(found[0]["id"]), state="booting")
+        terminate(client, ledger, cfg, instance_id, reason=f"create reported an error: {exc}")
+    else:
+        ledger.update_instance(instance_id, state="failed_create", reason=str(exc)[:300])
+
+
+# ---- readiness -------------------------------------------------------------------------------------
+
+def ssh_endpoints(info: dict) -> list[tuple[str, int]]:
+    """Where SSH answers: direct (public ip + mapped 22) first, then Vast's proxy; [] while unknown."""
+    endpoints = []
+    ports = info.get("ports") or {}
+    mapped = ports.get("22/tcp") if isinstance(ports, dict) else None
+    if info.get("public_ipaddr") and mapped:
+        try:
+            endpoints.append((str(info["public_ipaddr"]).strip(), int(mapped[0]["HostPort"])))
+        except (KeyError, IndexError, TypeError, ValueError):
+            pass
+    if info.get("ssh_host") and info.get("ssh_port"):
+        endpoints.append((str(info["ssh_host"]).strip(), int(info["ssh_port"])))
+    return list(dict.fromkeys(endpoints))
+
+
+def query(client, cfg: VastConfig, provider_instance_id: str | int) -> dict | None:
+    return call_api("show instance", client.show_instance, int(provider_instance_id), **_api(cfg))
+
+
+def wait_ready(client, ledger: Ledger, cfg: VastConfig, instance_id: int, key: KeyPair,
+               stop: threading.Event) -> tuple[str, int, str]:
+    """Wait until the instance runs and answers SSH; returns (host, port, pinned host key).
+
+    Pending: null, created, loading. Terminal: exited, offline, unknown (and stopped, frozen),
+    or "OCI runtime create failed" in status_msg. SSH is probed directly, not inferred from a
+    status: the key can land after the instance says running. Raises LaunchFailed at a terminal
+    status or past cfg.ready_deadline_seconds, LaunchCancelled when `stop` is set.
+    """
+    row = ledger.instance(instance_id)
+    provider_id = row["provider_instance_id"]
+    deadline = time.monotonic() + cfg.ready_deadline_seconds
+    last = "no status yet"
+    while True:
+        if stop.is_set():
+            raise LaunchCancelled(f"stopped while instance {provider_id} was booting")
+        try:
+            info = query(client, cfg, provider_id)
+        except ProviderError as exc:
+            info, last = {}, str(exc)
+        if info is None:
+            raise LaunchFailed(f"instance {provider_id} vanished while booting (last: {last})")
+        status, message = info.get("actual_status"), str(info.get("status_msg") or "")
+        if info:
+            last = f"status {status}" + (f" ({message[:160]})" if message else "")
+        if OCI_FAILURE in message:
+            raise LaunchFailed(f"instance {provider_id} cannot start its container: {message[:200]}")
+        if status in TERMINAL_STATUSES:
+            raise LaunchFailed(f"instance {provider_id} went {status} while booting: {message[:200]}")
+        if status == "running":
+            for host, port in ssh_endpoints(info):
+                probe = _probe_ssh(host, port, key, cfg)
+                if isinstance(probe, str) and not probe.startswith("!"):
+                    ledger.update_instance(instance_id, ssh_host=host, ssh_port=port, host_key=probe,
+                                           state="ready", ready_at=time.time())
+                    return host, port, probe
+                if isinstance(probe, str):
+                    last = f"running, SSH not answering yet: {probe[1:]}"
+        if time.monotonic() > deadline:
+            raise LaunchFailed(f"instance {provider_id} not ready after {cfg.ready_deadline_seconds:.0f}s ({last})")
+        stop.wait(cfg.status_poll_seconds)
+
+
+def _probe_ssh(host: str, port: int, key: KeyPair, cfg: VastConfig) -> str:
+    """The host key when SSH answers a command, else '!' + why not."""
+    timeout = min(cfg.ssh_timeout_seconds, 15.0)
+    try:
+        remote = Remote.connect(host, port, key.private, None, timeout)
+    except HostKeyChanged as exc:          # cannot happen without a pinned key; kept for clarity
+        return "!" + str(exc)
+    except Exception as exc:               # refused, reset, auth not yet possible, banner timeout ...
+        return f"!{type(exc).__name__}: {exc}"[:200]
+    try:
+        result = remote.run(["true"], timeout=timeout)
+        return remote.host_key if result.exit_code == 0 else f"!probe command exited {result.exit_code}"
+    except Exception as exc:
+        return f"!{type(exc).__name__}: {exc}"[:200]
+    finally:
+        remote.close()
+
+
+# ---- teardown ---------------------------------------------------------------------------------------
+
+def is_gone(info: dict | None) -> bool:
+    return info is None or info.get("actual_status") in GONE_STATUSES
+
+
+def terminate(client, ledger: Ledger, cfg: VastConfig, instance_id: int, reason: str) -> bool:
+    """Destroy an instance and confirm it is gone; True once confirmed (destroyed_at set).
+
+    Never assumes: the DELETE is retried until it succeeds, then the instance is queried
+    until the provider no longer shows it (or shows it exited/destroyed), with backoff, for
+    up to cfg.destroy_deadline_seconds. An unconfirmed destroy leaves destroyed_at empty (so
+    `armature reap` and cost reports still see the instance) and records an event.
+    """
+    row = ledger.instance(instance_id)
+    if row is None or row["destroyed_at"] is not None or row["state"] == "failed_create":
+        return True
+    run_id, provider_id = row["run_id"], row["provider_instance_id"]
+    ledger.update_instance(instance_id, state="destroying", destroy_requested_at=time.time(),
+                           reason=(row["reason"] or reason)[:300])
+    if provider_id is None:
+        # The create never answered: anything rented carries the label.
+        matches = [i for i in list_ours(client, cfg, row["label"]) if i.get("label") == row["label"]]
+        if not matches:
+            ledger.update_instance(instance_id, state="failed_create", reason=reason[:300])
+            return True
+        provider_id = str(matches[0]["id"])
+        ledger.update_instance(instance_id, provider_instance_id=provider_id)
+    deadline = time.monotonic() + cfg.destroy_deadline_seconds
+    delay = cfg.api_backoff_seconds
+    delete_accepted = False
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            if not delete_accepted:
+                try:
+                    call_api("destroy instance", client.destroy_instance, int(provider_id), **_api(cfg))
+                except ProviderError as exc:
+                    if exc.status != 404:
+                        raise
+                delete_accepted = True
+            if is_gone(query(client, cfg, provider_id)):
+                ledger.update_instance(instance_id, state="destroyed", destroyed_at=time.time())
+                ledger.event(run_id, "instance.destroyed", instance_id=instance_id,
+                             provider_instance_id=provider_id, reason=reason, tries=tries)
+                return True
+        except ProviderError as exc:
+            ledger.event(run_id, "instance.destroy_retry", instance_id=instance_id,
+                         provider_instance_id=provider_id, error=str(exc)[:300], tries=tries)
+        if time.monotonic() > deadline:
+            ledger.event(run_id, "instance.destroy_unconfirmed", instance_id=instance_id,
+                         provider_instance_id=provider_id, tries=tries)
+            log.error("instance %s: destroy NOT confirmed after %d tries; run `armature reap`", provider_id, tries)
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
+def list_ours(client, cfg: VastConfig, label_prefix: str = LABEL_PREFIX) -> list[dict]:
+    """Live instances of the account whose label starts with `label_prefix`."""
+    rows = call_api("show instances", client.show_instances, **_api(cfg)) or []
+    return [r for r in rows if str(r.get("label") or "").startswith(label_prefix)]
