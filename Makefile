@@ -38,7 +38,7 @@ system-deps:
 SIM_URL := http://127.0.0.1:8765
 ifeq ($(BACKEND),vast)
 ifndef VAST_API_KEY
-VAST_ENV := VAST_API_KEY=vastsim-dev-key
+VAST_ENV := VAST_API_KEY=$$(cat runs/vastsim/api_key)
 VAST_ARGS := --set vast.server_url=$(SIM_URL)
 endif
 endif

@@ -41,7 +41,7 @@ def create_run(ledger: Ledger, plan: Plan, run_id: str, run_dir: Path, backend: 
                gpus: float) -> None:
     """Write the resolved spec and every planned arm run (upstream runs first)."""
     study = plan.study
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)     # the backend may have made it (e.g. for its keys)
     (run_dir / "spec.yaml").write_text(spec_yaml(plan, code))
     ledger.create_run(run_id, name=study.name, trainer=study.trainer, backend=backend, spec_path=str(plan.path),
                       metric=study.metric.name, metric_mode=study.metric.mode, baseline=study.baseline,

@@ -356,7 +356,7 @@ def test_packing_two_arms_on_two_gpus_then_reuse(harness, sim):
 
     # The next arm reuses the instance: a MaskGIT whose tokenizer is pack-a's artifact, uploaded as upstream.
     tokenizer = specs[0].out_dir
-    third = harness.spec(harness.arm("pack-c", MASKGIT), trainer="maskgit", upstream_dirs={"tokenizer": tokenizer})
+    third = harness.spec(harness.arm("pack-c", MASKGIT), trainer="maskgit", upstream_dirs={"tokenizer_dir": tokenizer})
     result, events = harness.run(backend, third)
     assert result.outcome == "succeeded", result
     log = (Path(third.out_dir) / "log").read_text()

@@ -3,7 +3,7 @@
 Remote work folder `work/a<attempt id>/` (see deploy.py for the instance layout):
   config.json, env.json          what the trainer gets
   out/                           the trainer's --out (metrics.jsonl, checkpoints/, samples/, summary.json, ...)
-  upstream/<field>/              artifacts of upstream runs, named in config.json as <field>_dir
+  upstream/<config key>/         artifacts of upstream runs, named in config.json by that key (tokenizer_dir)
   supervisor.pid, heartbeat, health.jsonl, exit.json, trainer.log, supervisor.log
 
 Local side (the arm run's out_dir): metrics.jsonl grows as rows arrive (rows this
@@ -125,13 +125,13 @@ class RemoteAttempt:
                 answer = json.loads(remote.run(self.helper("digest", "--path", remote_checkpoint), check=True).stdout)
                 if answer.get("sha256") != sha256_file(local_checkpoint):
                     raise ChecksumMismatch(f"uploaded checkpoint differs from {local_checkpoint}")
-            for field, folder in upstream_dirs.items():
-                target = f"{self.work}/upstream/{field}"
+            for config_key, folder in upstream_dirs.items():
+                target = f"{self.work}/upstream/{config_key}"
                 remote.run(["mkdir", "-p", target], check=True)
                 for path in sorted(Path(folder).iterdir()):
                     if path.is_file():
                         remote.put_file(path, f"{target}/{path.name}")
-                config[f"{field}_dir"] = target
+                config[config_key] = target
             remote.put_bytes(json.dumps(config, indent=2, sort_keys=True).encode(), f"{self.work}/config.json")
             remote.put_bytes(json.dumps(env).encode(), f"{self.work}/env.json")
 

@@ -89,9 +89,7 @@ class AttemptWatch:
 
     def start_and_watch(self, code: str, python: str) -> AttemptResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        local_config = dict(self.spec.config)
-        for field, folder in self.spec.upstream_dirs.items():
-            local_config[f"{field}_dir"] = folder
+        local_config = {**self.spec.config, **self.spec.upstream_dirs}
         (self.out_dir / "config.json").write_text(json.dumps(local_config, indent=2, sort_keys=True))
         with open(self.out_dir / "log", "a") as handle:
             handle.write(f"\n=== attempt {self.spec.attempt_id} on vast instance {self.instance.provider_id} "
