@@ -6,10 +6,9 @@ file) it prints a line whenever an arm run changes state.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.live import Live
@@ -29,13 +28,12 @@ class ArmLine:
     started: float | None = None       # (time, step) at the first step seen by this view, for the ETA
     started_step: int = 0
     steps_per_s: float | None = None
-    history: list = field(default_factory=list)
 
 
 class Progress:
     def __init__(self, metric: str, console: Console | None = None):
         self.metric = metric
-        self.console = console or Console(stderr=False)
+        self.console = console or Console()
         self.lines: dict[int, ArmLine] = {}
         self._lock = threading.Lock()
         self._live: Live | None = None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Backend
-from orchestrator.ledger import ACTIVE_STATES, FINAL_STATES, Ledger
+from orchestrator.ledger import FINAL_STATES, Ledger
 from orchestrator.spec import Study
 from orchestrator.telemetry.gpu import GpuSample, LocalGpus, SmiGpus, host_memory_ratio
 from orchestrator.telemetry.watchdog import Watchdog, pause_requested
@@ -39,7 +39,6 @@ class Running:
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None
     stop_detail: str | None = None
-    host: str | None = None
     gpu_index: str | None = None
     energy_start: float | None = None
 
@@ -191,7 +190,7 @@ class Scheduler:
         elif kind == "attempt":
             fields = {k: v for k, v in event.items() if k != "kind"}
             self.ledger.update_attempt(running.attempt_id, **fields)
-            running.host, running.gpu_index = fields.get("host"), fields.get("gpu_index")
+            running.gpu_index = fields.get("gpu_index")
             running.energy_start = self._energy(running)
             self._show(arm_run_id, hardware=fields.get("hardware"))
         elif kind == "health":

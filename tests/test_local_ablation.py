@@ -4,9 +4,6 @@ import csv
 import json
 import os
 import signal
-import time
-
-import pytest
 
 from tests.armature_helpers import (TINY_VQVAE_BASE, armature, ledger, metric_steps, start_armature, tiny_spec,
                                     wait_for)

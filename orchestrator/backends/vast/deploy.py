@@ -162,7 +162,6 @@ def detached(cwd: str, argv: list[str], log: str) -> str:
 
 def install_helper_and_watchdog(conn: Connection, paths: InstancePaths, cfg: VastConfig, repo_root: Path) -> None:
     """Upload the supervisor and start the dead-man watchdog (idempotent; first thing after SSH answers)."""
-    q = shlex.quote
     watchdog = [
         "python3", paths.supervisor, "watchdog", "--contact-file", paths.contact,
         "--pid-file", f"{paths.base}/watchdog.pid", "--log", f"{paths.base}/watchdog.log",
