@@ -68,7 +68,7 @@ def orchestrator_alive(run: dict) -> bool:
     if run["state"] != "running" or not pid or run["orchestrator_host"] != socket.gethostname():
         return False
     if pid == os.getpid():
-        return False
+        return True
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
