@@ -108,6 +108,8 @@ def settle_orphans(ledger: Ledger, run_id: str) -> dict[int, dict]:
             reason = "the orchestrator died; its trainer was stopped with SIGTERM (checkpointed)"
         ledger.end_attempt(attempt["id"], "lost", reason=reason)
     for arm_run in ledger.arm_runs(run_id):
-        if arm_run["state"] in ACTIVE_STATES and arm_run["id"] not in adopt:
-            ledger.transition(arm_run["id"], "pending", "resumed after the orchestrator stopped")
+        if arm_run["state"] in ACTIVE_STATES:
+            why = (f"to adopt attempt {adopt[arm_run['id']]['id']} on its instance" if arm_run["id"] in adopt
+                   else "resumed after the orchestrator stopped")
+            ledger.transition(arm_run["id"], "pending", why)
     return adopt

@@ -1,0 +1,76 @@
+"""The cloud path through the real CLI: `armature ablation --backend vast` against the simulator,
+kill -9 of armature mid-run, `armature resume` adopting the live instance, and `reap` finding nothing."""
+
+import secrets
+
+import pytest
+
+from infra.vastsim import Simulator
+from infra.vastsim.instances import find_sshd
+from tests.armature_helpers import TINY_VQVAE_BASE, armature, ledger, metric_steps, start_armature, tiny_spec, wait_for
+from tests.test_vast_backend import ALLOW_DIRTY, OFFERS
+
+pytestmark = pytest.mark.skipif(find_sshd() is None, reason="OpenSSH sshd is not installed")
+
+API_KEY = "vk-" + secrets.token_hex(20)
+
+
+def spec(sim_url: str) -> str:
+    return f"""name: cloud
+trainer: vqvae
+metric: {{name: recon_mse, mode: min}}
+base: {TINY_VQVAE_BASE.replace("steps: 20,", "steps: 300,").replace("eval_every: 10", "eval_every: 100")}
+resources: {{gpus: 1}}
+backend: vast
+vast:
+  server_url: {sim_url}
+  min_cuda: null
+  disk_gb: 10
+  max_instances: 1
+  ready_deadline_seconds: 30
+  status_poll_seconds: 0.2
+  api_backoff_seconds: 0.05
+  poll_seconds: 0.5
+  pull_checkpoints_every_minutes: 0.02
+  heartbeat_seconds: 0.5
+  health_seconds: 0.5
+  heartbeat_timeout_seconds: 30
+  orchestrator_silence_seconds: 300
+  install_timeout_seconds: 120
+  destroy_deadline_seconds: 30
+"""
+
+
+def test_kill_9_then_resume_adopts_the_instance_and_reap_finds_nothing(tmp_path):
+    home = tmp_path / "home"
+    with Simulator(tmp_path / "sim", api_key=API_KEY, offers=OFFERS).start() as sim:
+        path = tiny_spec(tmp_path, spec(sim.url))
+        extra = ["--allow-dirty"] if ALLOW_DIRTY else []
+        proc = start_armature(home, "ablation", str(path), "--run-id", "c9", "--metrics-port", "-1", *extra,
+                              log=tmp_path / "log", VAST_API_KEY=API_KEY)
+        try:
+            wait_for(lambda: (home / "ledger.sqlite").exists() and ledger(home).arm_runs("c9")
+                     and (ledger(home).arm_runs("c9")[0]["last_step"] or 0) >= 40, 240, "the arm past step 40")
+        finally:
+            proc.kill()                                      # kill -9: no teardown, no handler
+            proc.wait(30)
+        assert len(sim.instances()) == 1, "the instance outlives the orchestrator"
+
+        result = armature(home, "resume", "c9", "--metrics-port", "-1", *extra, VAST_API_KEY=API_KEY)
+        assert result.returncode == 0, result.stdout + result.stderr
+        db = ledger(home)
+        (arm_run,) = db.arm_runs("c9")
+        assert arm_run["state"] == "succeeded"
+        attempts = db.attempts(arm_run["id"])
+        assert [a["state"] for a in attempts] == ["succeeded"], "the running attempt was adopted, not restarted"
+        assert len(db.query("SELECT * FROM instances WHERE run_id='c9'")) == 1, "no second instance was rented"
+        assert db.live_instances("c9") == []
+        assert sim.instances() == []
+        steps = metric_steps(home / "c9" / "base" / "seed0")
+        assert steps == sorted(steps) and sorted(set(steps)) == list(range(5, 301, 5))
+
+        reaped = armature(home, "reap", "--dry-run", "--server-url", sim.url, VAST_API_KEY=API_KEY)
+        assert reaped.returncode == 0 and "no orphaned armature instances" in reaped.stdout
+    dump = "\n".join(str(row) for table in ("runs", "arm_runs", "attempts", "events", "instances")
+                     for row in db.query(f"SELECT * FROM {table}"))
+    assert API_KEY not in dump and API_KEY not in (tmp_path / "log").read_text() + result.stdout + result.stderr
