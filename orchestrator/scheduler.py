@@ -62,6 +62,7 @@ class Scheduler:
         self.watchdog = Watchdog(study.watchdog)
         self.running: dict[int, Running] = {}            # arm_run_id -> attempt in flight
         self.results: queue.Queue = queue.Queue()
+        self._wake = threading.Event()                    # set when an attempt ends, so the loop reacts at once
         self.not_before: dict[int, float] = {}           # arm_run_id -> earliest restart (watchdog cool-down)
         self.adopt: dict[int, dict] = {}                 # arm_run_id -> open attempt to reattach (resume)
         self.interrupted = False
@@ -92,7 +93,8 @@ class Scheduler:
                 self._launch_ready()
             if not self.running and (self.interrupted or self.cancelled or not self._anything_left()):
                 break
-            time.sleep(TICK_SECONDS)
+            self._wake.wait(TICK_SECONDS)
+            self._wake.clear()
         return self._finish()
 
     def _finish(self) -> str:
@@ -173,6 +175,7 @@ class Scheduler:
         except Exception as exc:  # a backend bug must not take the run down with it
             result = AttemptResult("lost", None, f"{type(exc).__name__}: {exc}")
         self.results.put((running, result))
+        self._wake.set()
 
     # ---- events from attempts ------------------------------------------------------
 

@@ -110,7 +110,10 @@ def _attempt_task(spec: AttemptSpec, board):
     stop_sent_at = None
     try:
         while True:
-            code = child.poll()
+            try:
+                code = child.wait(POLL_SECONDS)         # returns as soon as the trainer exits
+            except subprocess.TimeoutExpired:
+                code = None
             rows = metrics.read_new()
             if rows:
                 yield {"kind": "metrics", "rows": rows}
@@ -121,7 +124,6 @@ def _attempt_task(spec: AttemptSpec, board):
                 stop_sent_at = time.time()
             elif stop_sent_at is not None and time.time() - stop_sent_at > STOP_GRACE_SECONDS:
                 os.killpg(child.pid, signal.SIGKILL)
-            time.sleep(POLL_SECONDS)
     finally:
         if child.poll() is None:            # the task itself is being torn down: let the trainer checkpoint
             os.killpg(child.pid, signal.SIGTERM)
