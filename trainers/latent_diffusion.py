@@ -1,0 +1,111 @@
+"""
+Latent diffusion (Rombach et al. 2022): the diffusion model of trainers/diffusion.py (same U-Net,
+objectives, schedules, guidance and training loop) trained on the latents of a VAE from
+trainers/vae.py. The training images are encoded once to their posterior means, scaled to unit
+standard deviation (the scale factor is stored in the artifact), and samples are decoded back to
+pixels for the metrics.
+
+The VAE is the artifact of a vae run (`autoencoder_dir`); without one it is trained first, from the
+`autoencoder` config, into OUT/upstream/autoencoder. Unless set explicitly, `autoencoder.data`
+follows `data`.
+
+    python -m trainers.latent_diffusion --config config.json --out DIR
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from pydantic import model_validator
+
+from trainers import diffusion, metrics, vae
+from trainers.common import BadConfig, Run, main
+from trainers.data import FAMILIES, load_split, to_float
+
+
+# defaults that differ from the pixel-space U-Net and the standalone VAE: latents are R/2 x R/2,
+# and a small KL weight keeps them informative
+LATENT_DEFAULTS = {"unet": {"channel_mult": [1, 2], "attn_resolutions": [4]},
+                   "autoencoder": {"downsample": 2, "beta": 0.1}}
+
+
+class Config(diffusion.Config):
+    unet: diffusion.UNetConfig = diffusion.UNetConfig(**LATENT_DEFAULTS["unet"])
+    autoencoder: vae.Config = vae.Config(**LATENT_DEFAULTS["autoencoder"])
+    autoencoder_dir: str | None = None
+
+    def model_resolution(self) -> int:
+        return self.data.resolution // self.autoencoder.downsample
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_defaults(cls, raw):
+        """A partial `unet` or `autoencoder` section overrides these defaults, not the classes'."""
+        if isinstance(raw, dict):
+            raw = {**raw, **{k: {**v, **raw[k]} for k, v in LATENT_DEFAULTS.items() if isinstance(raw.get(k), dict)}}
+        return raw
+
+    @model_validator(mode="after")
+    def _share_data(self):
+        if "data" not in self.autoencoder.model_fields_set:
+            self.autoencoder = vae.Config.model_validate({**self.autoencoder.model_dump(exclude_unset=True),
+                                                          "data": self.data.model_dump()})
+        elif self.autoencoder.data.resolution != self.data.resolution:
+            raise ValueError(f"autoencoder.data.resolution {self.autoencoder.data.resolution} differs from "
+                             f"data.resolution {self.data.resolution}")
+        return self
+
+
+METRICS = diffusion.METRICS
+# the `autoencoder` field holds the config of a vae run whose OUT directory goes into `autoencoder_dir`
+UPSTREAM = {"autoencoder": {"trainer": "vae", "dir_field": "autoencoder_dir"}}
+
+
+def get_autoencoder(cfg: Config, run: Run):
+    if cfg.autoencoder_dir is not None:
+        if not (Path(cfg.autoencoder_dir) / "artifact.pt").exists():
+            raise BadConfig(f"autoencoder_dir: no artifact.pt in {cfg.autoencoder_dir}")
+        model = vae.load_autoencoder(cfg.autoencoder_dir, run.device)
+        if model.config.model_dump() != cfg.autoencoder.model_dump():
+            print(f"warning: the VAE in {cfg.autoencoder_dir} was trained with a config that differs from "
+                  "`autoencoder`; using the artifact's", file=sys.stderr, flush=True)
+        return model
+    up = run.out / "upstream" / "autoencoder"
+    if not ((up / "artifact.pt").exists() and (up / "summary.json").exists()):
+        print(f"training the autoencoder into {up}", flush=True)
+        up_run = Run(cfg.autoencoder, up)
+        try:
+            vae.train(cfg.autoencoder, up_run)
+        finally:
+            up_run.close()
+    return vae.load_autoencoder(up, run.device)
+
+
+@torch.no_grad()
+def encode(model, images_u8, device, batch=256):
+    return torch.cat([model.encode(to_float(b).to(device))[0] for b in images_u8.split(batch)])
+
+
+def train(cfg: Config, run: Run):
+    ae = get_autoencoder(cfg, run)
+    R, f = cfg.data.resolution, ae.downsample
+    if R % f:
+        raise BadConfig(f"data.resolution {R} is not divisible by the autoencoder's downsample {f}")
+    x_u8, y_train = load_split(cfg.data, "train")
+    held_u8, y_held = load_split(cfg.data, "heldout")
+    evaluator = metrics.Evaluator(x_u8, y_train, held_u8, y_held,
+                                  cache_dir=cfg.data.cache_dir or str(run.out), device=run.device)
+    z = encode(ae, x_u8, run.device)
+    scale = 1.0 / z.std().item()
+
+    @torch.no_grad()
+    def decode(latents):
+        with run.autocast():
+            return ae.decode(latents / scale).float()
+
+    return diffusion.fit(cfg, run, z * scale, y_train, evaluator, num_classes=len(FAMILIES), decode=decode,
+                         clip_x0=False, artifact={"kind": "latent_diffusion", "latent_scale": scale})
+
+
+if __name__ == "__main__":
+    sys.exit(main(train, Config))
