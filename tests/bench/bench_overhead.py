@@ -1,10 +1,11 @@
 """Orchestration overhead: N arms through `armature ablation` against the same trainer commands
 started by a plain shell loop (xargs -P) at the same concurrency, measured in one run.
 
-    .venv/bin/python tests/bench/bench_overhead.py [--arms 8] [--short-steps 20] [--long-steps 400]
+    .venv/bin/python tests/bench/bench_overhead.py [--few 4] [--many 12] [--short-steps 20] [--long-steps 2000]
 
-Prints wall times, their ratio, and the overhead per arm (ms). Targets (issue 2): under 0.3 s per
-arm, and under 5% of wall time for ~30-second arms.
+Prints wall times and their ratio; the overhead per arm (ms) is how the overhead grows from a small
+to a large study, the fixed part what is left. Targets (issue 2): under 0.3 s per arm, and under 5%
+of wall time for ~30-second arms.
 """
 
 from __future__ import annotations
@@ -64,28 +65,37 @@ def through_shell_loop(spec: Path, work: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(arms: int, steps: int) -> None:
+def measure(arms: int, steps: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         spec = tmp / "spec.yaml"
         spec.write_text(spec_text(arms, steps))
         shell = through_shell_loop(spec, tmp / "shell")
         armature = through_armature(spec, tmp / "home")
-    overhead = armature - shell
-    print(f"{arms} arms x {steps} steps, {CONCURRENCY} at a time: shell loop {shell:.1f} s, armature {armature:.1f} s, "
-          f"ratio {armature / shell:.3f}, overhead {overhead * 1000 / arms:.0f} ms per arm "
-          f"({overhead / armature:.1%} of armature's wall time; includes Ray start/stop and the report)")
+    print(f"  {arms:2d} arms x {steps} steps, {CONCURRENCY} at a time: shell loop {shell:6.1f} s, "
+          f"armature {armature:6.1f} s, ratio {armature / shell:.3f}", flush=True)
+    return shell, armature
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--arms", type=int, default=8)
-    parser.add_argument("--short-steps", type=int, default=20)
-    parser.add_argument("--long-steps", type=int, default=0, help="steps for ~30 s arms (0: skip)")
+    parser.add_argument("--few", type=int, default=4, help="arms in the small study")
+    parser.add_argument("--many", type=int, default=12, help="arms in the large study")
+    parser.add_argument("--short-steps", type=int, default=20, help="steps of a short arm (~4 s)")
+    parser.add_argument("--long-steps", type=int, default=2000, help="steps of a ~30 s arm (0: skip)")
     args = parser.parse_args()
-    measure(args.arms, args.short_steps)
+
+    print("short arms: overhead = armature - shell loop; per arm = its growth from the small to the large study")
+    few = measure(args.few, args.short_steps)
+    many = measure(args.many, args.short_steps)
+    per_arm = ((many[1] - many[0]) - (few[1] - few[0])) / (args.many - args.few)
+    fixed = (few[1] - few[0]) - per_arm * args.few
+    print(f"overhead per arm: {per_arm * 1000:.0f} ms (target < 300 ms); fixed per study: {fixed:.1f} s "
+          f"(Python and torch imports, Ray start and stop, the report)")
     if args.long_steps:
-        measure(max(2, args.arms // 2), args.long_steps)
+        shell, armature = measure(args.few, args.long_steps)
+        print(f"~30 s arms: armature adds {(armature - shell) / armature:.1%} of its wall time (target < 5%), "
+              f"ratio {armature / shell:.3f}")
 
 
 if __name__ == "__main__":
