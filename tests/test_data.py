@@ -8,13 +8,6 @@ from trainers.common import DataConfig
 from trainers.data import FAMILIES, _procedural, load_split, to_float, to_uint8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the box is small and shared: in-process training stays on one core
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def test_shapes_dtypes_and_families():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tests.trainer_helpers import TINY_DATA, assert_bit_exact_resume, assert_outputs, encoder_cache, one_thread, rows  # noqa: F401
+from tests.trainer_helpers import TINY_DATA, assert_bit_exact_resume, assert_outputs, encoder_cache, rows  # noqa: F401
 from trainers import dcgan
 from trainers.common import EXIT_BAD_CONFIG, Run, main
 

@@ -6,7 +6,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.trainer_helpers import (TINY_DATA, assert_bit_exact_resume, assert_outputs, encoder_cache,  # noqa: F401
-                                   one_thread, rows)
+                                   rows)
 from trainers import diffusion
 from trainers.common import Run
 

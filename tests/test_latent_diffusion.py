@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.trainer_helpers import (TINY_DATA, assert_bit_exact_resume, assert_outputs, encoder_cache,  # noqa: F401
-                                   one_thread, rows)
+                                   rows)
 from trainers import latent_diffusion, vae
 from trainers.common import EXIT_BAD_CONFIG, Run, load_artifact, main
 

@@ -5,15 +5,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from trainers import maskgit, vqvae
+from tests.trainer_helpers import REPO, rows, without_time
 from trainers.common import EXIT_BAD_CONFIG, EXIT_INTERRUPTED, Run, load_artifact, main
 
-REPO = Path(__file__).resolve().parents[1]
 
 DATA = {"num_train": 256, "num_heldout": 64}
 TOK = {"steps": 60, "batch_size": 16, "lr": 3e-3, "log_every": 20, "eval_every": 60, "checkpoint_every": 60,
@@ -23,13 +22,6 @@ TINY = {"steps": 80, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "log_every
         "decode_steps": 4, "num_samples": 8, "num_inpaint": 8, "data": DATA}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the box is small and shared: in-process training stays on one core
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +33,6 @@ def tokenizer_dir(tmp_path_factory):
     vqvae.train(cfg, run)
     run.close()
     return out
-
-
-def rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_time(rs):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rs]
 
 
 def test_bit_exact_resume_after_sigterm(tmp_path, tokenizer_dir):

@@ -11,15 +11,6 @@ from trainers.data import load_split
 FAMILIES = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the box is shared: two intra-op threads on a loaded machine spin-wait each other
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.fixture(scope="module")
 def data():
     cfg = DataConfig(resolution=16, num_train=1024, num_heldout=256)

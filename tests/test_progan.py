@@ -3,7 +3,7 @@ import torch
 from pydantic import ValidationError
 
 from tests.trainer_helpers import (TINY_DATA, assert_bit_exact_resume, assert_outputs, assert_same,  # noqa: F401
-                                   encoder_cache, one_thread, rows, without_time)
+                                   encoder_cache, rows, without_time)
 from trainers import progan
 from trainers.common import Interrupted, Run
 

@@ -16,13 +16,6 @@ from trainers.common import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_INTERRUPTED, D
                              TrainerConfig, load_artifact, main)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the box is small and shared: in-process training stays on one core
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,37 +4,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import torch
 
 from trainers import vqvae
+from tests.trainer_helpers import REPO, rows, without_time
 from trainers.common import EXIT_DIVERGED, EXIT_INTERRUPTED, Run, load_artifact, main
 from trainers.data import to_float, load_split
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the box is small and shared: in-process training stays on one core
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
-REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"steps": 120, "batch_size": 16, "lr": 3e-3, "log_every": 1, "eval_every": 30, "checkpoint_every": 25,
         "model": {"channels": 8, "code_dim": 8, "codebook_size": 32},
         "vq": {"reset_every": 20}, "data": {"num_train": 256, "num_heldout": 64}}
-
-
-def rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_time(rs):
-    return [{k: v for k, v in r.items() if k != "time"} for r in rs]
 
 
 def trainer(cfg_path, out):

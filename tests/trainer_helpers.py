@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from trainers import metrics
@@ -19,13 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = {"resolution": 16, "num_train": 256, "num_heldout": 64}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the box is small and shared: in-process training stays on one core
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def encoder_cache(tmp_path_factory) -> str:
@@ -33,12 +25,7 @@ def encoder_cache(tmp_path_factory) -> str:
     handed to trainers as data.cache_dir, so their subprocesses load it instead of training it."""
     path = tmp_path_factory.getbasetemp() / "scratchenc-cache"
     images, labels = load_split(DataConfig(**TINY_DATA), "train")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the function-scoped one_thread
-    try:
-        metrics.get_scratch_encoder(images, labels, cache_dir=str(path))
-    finally:
-        torch.set_num_threads(prev)
+    metrics.get_scratch_encoder(images, labels, cache_dir=str(path))
     return str(path)
 
 
