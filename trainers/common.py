@@ -352,6 +352,28 @@ class Run:
     def save_artifact(self, obj: dict):
         atomic_write_bytes(self.out / "artifact.pt", lambda f: torch.save(obj, f))
 
+    def upstream(self, name: str, config: BaseModel, given_dir: str | None, train_fn) -> Path:
+        """The folder of an upstream run's artifact.pt: `given_dir` when the orchestrator trained it,
+        else a run of `train_fn(config, run)` into OUT/upstream/<name>, so this trainer also works alone."""
+        if given_dir is not None:
+            folder = Path(given_dir)
+            if not (folder / "artifact.pt").exists():
+                raise BadConfig(f"{name}_dir: no artifact.pt in {folder}")
+            trained_with = load_artifact(folder).get("config")
+            if trained_with != config.model_dump():
+                print(f"warning: the {name} in {folder} was trained with a config that differs from `{name}`; "
+                      "using the artifact's", file=sys.stderr, flush=True)
+            return folder
+        folder = self.out / "upstream" / name
+        if not ((folder / "artifact.pt").exists() and (folder / "summary.json").exists()):
+            print(f"training the {name} into {folder}", flush=True)
+            upstream_run = Run(config, folder)
+            try:
+                train_fn(config, upstream_run)
+            finally:
+                upstream_run.close()
+        return folder
+
     def close(self):
         """Flushes metrics and gives SIGTERM back to whoever handled it before this Run."""
         self._close_metrics()

@@ -13,7 +13,6 @@ follows `data`.
 """
 
 import sys
-from pathlib import Path
 
 import torch
 from pydantic import model_validator
@@ -62,23 +61,8 @@ UPSTREAM = {"autoencoder": {"trainer": "vae", "dir_field": "autoencoder_dir"}}
 
 
 def get_autoencoder(cfg: Config, run: Run):
-    if cfg.autoencoder_dir is not None:
-        if not (Path(cfg.autoencoder_dir) / "artifact.pt").exists():
-            raise BadConfig(f"autoencoder_dir: no artifact.pt in {cfg.autoencoder_dir}")
-        model = vae.load_autoencoder(cfg.autoencoder_dir, run.device)
-        if model.config.model_dump() != cfg.autoencoder.model_dump():
-            print(f"warning: the VAE in {cfg.autoencoder_dir} was trained with a config that differs from "
-                  "`autoencoder`; using the artifact's", file=sys.stderr, flush=True)
-        return model
-    up = run.out / "upstream" / "autoencoder"
-    if not ((up / "artifact.pt").exists() and (up / "summary.json").exists()):
-        print(f"training the autoencoder into {up}", flush=True)
-        up_run = Run(cfg.autoencoder, up)
-        try:
-            vae.train(cfg.autoencoder, up_run)
-        finally:
-            up_run.close()
-    return vae.load_autoencoder(up, run.device)
+    folder = run.upstream("autoencoder", cfg.autoencoder, cfg.autoencoder_dir, vae.train)
+    return vae.load_autoencoder(folder, run.device)
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@ from the `tokenizer` config, into OUT/upstream/tokenizer.
 
 import math
 import sys
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -185,23 +184,7 @@ def decode(model, ids, mask, cfg: Config, gen: torch.Generator, run: Run):
 
 
 def get_tokenizer(cfg: Config, run: Run):
-    if cfg.tokenizer_dir is not None:
-        if not (Path(cfg.tokenizer_dir) / "artifact.pt").exists():
-            raise BadConfig(f"tokenizer_dir: no artifact.pt in {cfg.tokenizer_dir}")
-        tok = vqvae.load_tokenizer(cfg.tokenizer_dir, run.device)
-        if tok.config.model_dump() != cfg.tokenizer.model_dump():
-            print(f"warning: tokenizer in {cfg.tokenizer_dir} was trained with a config that differs from "
-                  "`tokenizer`; using the artifact's", file=sys.stderr, flush=True)
-        return tok
-    up = run.out / "upstream" / "tokenizer"
-    if not ((up / "artifact.pt").exists() and (up / "summary.json").exists()):
-        print(f"training the tokenizer into {up}", flush=True)
-        up_run = Run(cfg.tokenizer, up)
-        try:
-            vqvae.train(cfg.tokenizer, up_run)
-        finally:
-            up_run.close()
-    return vqvae.load_tokenizer(up, run.device)
+    return vqvae.load_tokenizer(run.upstream("tokenizer", cfg.tokenizer, cfg.tokenizer_dir, vqvae.train), run.device)
 
 
 @torch.no_grad()
