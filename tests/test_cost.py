@@ -424,11 +424,11 @@ def test_rates_from_env(monkeypatch):
 # ---- against the Vast simulator, through the real SDK -----------------------------------------
 
 def test_reconcile_against_the_vast_simulator(tmp_path, ledger):
-    vastsim = pytest.importorskip("infra.vastsim")
+    import vastai
+    from infra import vastsim
     from infra.vastsim.instances import find_sshd
     if find_sshd() is None:
         pytest.skip("OpenSSH sshd is not installed (the simulator's instances run one)")
-    vastai = pytest.importorskip("vastai")
     price = 36.0    # $/h: a cent a second, so a few seconds of life are worth reconciling
     offers = [{"id": 1, "machine_id": 11, "gpu_name": "RTX 4090", "num_gpus": 1, "dph_total": price,
                "boot_delay_s": 0.2}]

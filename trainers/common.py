@@ -389,7 +389,7 @@ class Run:
 # config loading and the entry point
 
 class BadConfig(Exception):
-    pass
+    """A config that validates field by field but cannot run (e.g. a resolution the model cannot take)."""
 
 
 def _field_paths(cls, prefix="") -> list[str]:
