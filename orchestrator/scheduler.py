@@ -29,7 +29,7 @@ from orchestrator.spec import Study
 from orchestrator.telemetry.gpu import GpuSample, LocalGpus, SmiGpus, host_memory_ratio
 from orchestrator.telemetry.watchdog import Watchdog, pause_requested
 
-TICK_SECONDS = 0.25
+TICK_SECONDS = 1.0                     # the loop also wakes at once when an attempt ends
 
 
 @dataclass

@@ -33,7 +33,7 @@ from orchestrator.paths import REPO_ROOT
 
 EXIT_DIVERGED = 3                      # trainers/common.py: the trainer contract
 STOP_GRACE_SECONDS = 120               # a trainer gets this long to checkpoint after SIGTERM
-POLL_SECONDS = 0.5
+POLL_SECONDS = 1.0                     # metrics and stop requests; a trainer that exits is seen at once
 
 
 @ray.remote(num_cpus=0)
@@ -164,7 +164,8 @@ class LocalBackend:
             if self.ray_address:
                 ray.init(address=self.ray_address, **quiet)
             else:
-                ray.init(num_cpus=self.num_cpus or os.cpu_count(), **quiet)
+                # "local": a Ray of our own, even where another one runs (ray.init() alone would join it)
+                ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), **quiet)
                 self._started_ray = True
         self._board = StopBoard.remote()
 
