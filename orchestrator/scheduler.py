@@ -88,10 +88,12 @@ class Scheduler:
             self._drain_results()
             self._check_pauses()
             self._check_watchdog()
+            arm_runs = self.ledger.arm_runs(self.run_id)
             if not (self.interrupted or self.cancelled):
-                self._fail_orphans_of_failed_upstreams()
-                self._launch_ready()
-            if not self.running and (self.interrupted or self.cancelled or not self._anything_left()):
+                self._fail_orphans_of_failed_upstreams(arm_runs)
+                self._launch_ready(arm_runs)
+            unfinished = any(r["state"] not in FINAL_STATES for r in arm_runs)   # at worst a tick stale
+            if not self.running and (self.interrupted or self.cancelled or not unfinished):
                 break
             self._wake.wait(TICK_SECONDS)
             self._wake.clear()
@@ -112,17 +114,13 @@ class Scheduler:
         self.ledger.set_run_state(self.run_id, state)
         return state
 
-    def _anything_left(self) -> bool:
-        return any(r["state"] not in FINAL_STATES for r in self.ledger.arm_runs(self.run_id))
-
     def _stop_all(self, reason: str) -> None:
         for running in self.running.values():
             running.request_stop(reason)
 
     # ---- launching ------------------------------------------------------------------
 
-    def _ready(self) -> list[dict]:
-        arm_runs = self.ledger.arm_runs(self.run_id)
+    def _ready(self, arm_runs: list[dict]) -> list[dict]:
         by_id = {r["id"]: r for r in arm_runs}
         now = time.time()
         ready = []
@@ -137,8 +135,8 @@ class Scheduler:
         ready.sort(key=lambda r: (r["kind"] != "upstream", r["id"]))
         return ready
 
-    def _launch_ready(self) -> None:
-        for arm_run in self._ready():
+    def _launch_ready(self, arm_runs: list[dict]) -> None:
+        for arm_run in self._ready(arm_runs):
             if self.max_concurrent is not None and len(self.running) >= self.max_concurrent:
                 return
             if arm_run["id"] in self.not_before and not self._cooled():
@@ -277,8 +275,7 @@ class Scheduler:
             return "failed", f"{outcome} {attempts} times; last: {result.reason}"
         return "pending", f"{outcome}: {result.reason}; retrying from the last checkpoint"
 
-    def _fail_orphans_of_failed_upstreams(self) -> None:
-        arm_runs = self.ledger.arm_runs(self.run_id)
+    def _fail_orphans_of_failed_upstreams(self, arm_runs: list[dict]) -> None:
         by_id = {r["id"]: r for r in arm_runs}
         for arm_run in arm_runs:
             if arm_run["state"] != "pending":
