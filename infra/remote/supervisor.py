@@ -198,8 +198,9 @@ class Supervisor:
 
 # ---- poll, stop, snapshot, digest ---------------------------------------------------------------------------
 
-def read_complete_lines(path, offset, limit):
-    """(text of new complete lines from offset, new offset); restarts at 0 if the file shrank."""
+def read_from(path, offset, limit, whole_lines=True):
+    """(text from offset, new offset), cut after the last complete line unless whole_lines is False;
+    restarts at 0 if the file shrank (a resumed trainer truncates its metrics)."""
     try:
         size = os.path.getsize(path)
     except OSError:
@@ -209,21 +210,8 @@ def read_complete_lines(path, offset, limit):
     with open(path, "rb") as handle:
         handle.seek(offset)
         data = handle.read(limit)
-    end = data.rfind(b"\n") + 1
-    return data[:end].decode(errors="replace"), offset + end
-
-
-def read_bytes_from(path, offset, limit):
-    """(text from offset, new offset), whole lines or not; restarts at 0 if the file shrank."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return "", 0
-    if size < offset:
-        offset = 0
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(limit)
+    if whole_lines:
+        data = data[:data.rfind(b"\n") + 1]
     return data.decode(errors="replace"), offset + len(data)
 
 
@@ -234,11 +222,12 @@ def cmd_poll(args):
     # Exit status first: when it is there, the trainer has ended, so the reads below see all it wrote.
     alive = supervisor_alive(workdir)
     ended = read_json(os.path.join(workdir, "exit.json"))
-    metrics, metrics_offset = read_complete_lines(os.path.join(workdir, "out", "metrics.jsonl"),
+    metrics, metrics_offset = read_from(os.path.join(workdir, "out", "metrics.jsonl"),
                                                   args.metrics_offset, 4 << 20)
-    health_text, health_offset = read_complete_lines(os.path.join(workdir, "health.jsonl"),
+    health_text, health_offset = read_from(os.path.join(workdir, "health.jsonl"),
                                                      args.health_offset, 1 << 20)
-    log_text, log_offset = read_bytes_from(os.path.join(workdir, "trainer.log"), args.log_offset, 1 << 20)
+    log_text, log_offset = read_from(os.path.join(workdir, "trainer.log"), args.log_offset, 1 << 20,
+                                     whole_lines=False)
     health = []
     for line in health_text.splitlines():
         try:
