@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from tests.trainer_helpers import (TINY_DATA, assert_bit_exact_resume, assert_outputs, encoder_cache,  # noqa: F401
+from tests.trainer_helpers import (TINY_DATA, assert_bit_exact_resume, assert_outputs, judge_dir,  # noqa: F401
                                    rows)
 from trainers import latent_diffusion, vae
 from trainers.common import EXIT_BAD_CONFIG, Run, load_artifact, main
@@ -17,7 +17,7 @@ TINY = {"steps": 20, "batch_size": 8, "log_every": 1, "eval_every": 10, "checkpo
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
-    return encoder_cache(tmp_path_factory)
+    return judge_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def vae_dir(tmp_path_factory, enc):
 
 
 def cfg_dict(enc, **over):
-    return {**TINY, "data": {**TINY_DATA, "cache_dir": enc}, **over}
+    return {**TINY, "data": TINY_DATA, "judge_dir": enc, **over}
 
 
 def test_config_defaults_and_upstream_link():
@@ -80,7 +80,7 @@ def test_learns(tmp_path, enc, vae_dir):
     rs = rows(tmp_path)
     losses = [r["loss"] for r in rs if "loss" in r]
     assert losses[-1] < 0.6 * losses[0]
-    assert rs[-1]["swd"] < rs[0]["swd"]
+    assert rs[-1]["kid_scratchenc"] < rs[0]["kid_scratchenc"]
 
 
 def test_missing_autoencoder_is_a_config_error(tmp_path):

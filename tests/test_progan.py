@@ -1,9 +1,12 @@
+import contextlib
+import json
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from tests.trainer_helpers import (TINY_DATA, assert_bit_exact_resume, assert_outputs, assert_same,  # noqa: F401
-                                   encoder_cache, rows, without_time)
+                                   judge_dir, rows, without_time)
 from trainers import progan
 from trainers.common import Interrupted, Run
 
@@ -13,11 +16,11 @@ TINY = {"steps": 24, "steps_per_level": 8, "batch_size": 8, "log_every": 1, "eva
 
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory):
-    return encoder_cache(tmp_path_factory)
+    return judge_dir(tmp_path_factory)
 
 
 def cfg_of(enc, **over):
-    return progan.Config.model_validate({**TINY, "data": {**TINY_DATA, "cache_dir": enc}, **over})
+    return progan.Config.model_validate({**TINY, "data": TINY_DATA, "judge_dir": enc, **over})
 
 
 def test_schedule():
@@ -62,7 +65,7 @@ def test_minibatch_stddev():
 
 
 def test_subprocess_outputs_and_bit_exact_resume(tmp_path, enc):
-    out = assert_bit_exact_resume("progan", {**TINY, "data": {**TINY_DATA, "cache_dir": enc}}, tmp_path)
+    out = assert_bit_exact_resume("progan", {**TINY, "data": TINY_DATA, "judge_dir": enc}, tmp_path)
     assert_outputs(out, progan, grids=("samples", "samples_4px", "samples_8px"))
     assert [r["resolution"] for r in rows(out) if r["step"] in (1, 9, 17)] == [4, 8, 16]
 
@@ -100,26 +103,84 @@ def test_resume_exactly_at_a_level_boundary(tmp_path, enc):
     assert_same(a, b)
 
 
-@pytest.mark.parametrize("over", [{"loss": "nonsaturating"}, {"progressive": False}])
+@pytest.mark.parametrize("over", [{"loss": "nonsaturating"}, {"progressive": False},
+                                  {"loss": "nonsaturating", "r1_gamma": 1.0}])
 def test_variants_run(tmp_path, enc, over):
     cfg = cfg_of(enc, steps=6, steps_per_level=2, eval_every=100, **over)
     run = Run(cfg, tmp_path)
     final = progan.train(cfg, run)
     run.close()
     assert set(progan.METRICS) - {"loss_d", "loss_g"} <= set(final)
-    resolutions = {r["resolution"] for r in rows(tmp_path) if "loss" in r}
-    assert resolutions == ({4, 8, 16} if cfg.progressive else {16})
+    logged = [r for r in rows(tmp_path) if "loss" in r]
+    assert {r["resolution"] for r in logged} == ({4, 8, 16} if cfg.progressive else {16})
+    assert all(("r1" in r) == (cfg.r1_gamma > 0) and ("gp" in r) == (cfg.loss == "wgan_gp") for r in logged)
+
+
+class LinearCritic(torch.nn.Module):
+    """D(x) = <w, x>: its gradient with respect to every real image is w."""
+    def __init__(self, w):
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x, level, alpha):
+        return (x * self.w).flatten(1).sum(1)
+
+
+def test_r1_penalty_is_half_gamma_times_the_squared_gradient_norm_on_reals():
+    D = LinearCritic(torch.randn(3, 4, 4))
+    real, fake = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    losses = {}
+    for gamma in (0.0, 3.0):
+        cfg = progan.Config(loss="nonsaturating", r1_gamma=gamma)
+        losses[gamma], extra = progan.d_loss(cfg, D, D, real, fake, 0, torch.tensor(1.0), None, NoAutocast())
+    assert extra["penalty"].item() == pytest.approx(D.w.pow(2).sum().item(), rel=1e-5)
+    assert (losses[3.0] - losses[0.0]).item() == pytest.approx(0.5 * 3.0 * D.w.pow(2).sum().item(), rel=1e-5)
+    losses[3.0].backward()  # the penalty is differentiable in D's weights: d/dw 0.5 g ||w||^2 = g w + ...
+    assert D.w.grad is not None
+    with pytest.raises(ValidationError):
+        progan.Config(r1_gamma=1.0)  # R1 belongs to the non-saturating loss here
+
+
+class NoAutocast:
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def test_summary_averages_the_last_evaluations_and_resumes_them(tmp_path, enc):
+    cfg = cfg_of(enc, steps=12, steps_per_level=4, eval_every=4, checkpoint_every=4, eval_average=3,
+                 eval_average_every=1, eval_samples=32)
+    straight = Run(cfg, tmp_path / "a")
+    progan.train(cfg, straight)
+    straight.close()
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    evals = {r["step"]: r for r in rows(tmp_path / "a") if "swd" in r}
+    assert sorted(evals) == [0, 4, 8, 10, 11, 12]  # the curve every 4 steps, the averaged window 10..12
+    assert summary["eval_steps_averaged"] == [10, 11, 12]
+    for k in ("swd", "kid_scratchenc", "coverage_scratchenc"):
+        assert summary[k] == pytest.approx(sum(evals[s][k] for s in (10, 11, 12)) / 3)
+    assert progan.averaged_eval_steps(progan.Config(steps=900)) == [810, 855, 900]  # default: steps // 20 apart
+    cut = StopAfter(cfg, tmp_path / "b", at=11)  # the checkpoint holds the evaluations at steps 10 and 11
+    with pytest.raises(Interrupted):
+        progan.train(cfg, cut)
+    cut.close()
+    resumed = Run(cfg, tmp_path / "b")
+    progan.train(cfg, resumed)
+    resumed.close()
+    resumed_summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    for s in (summary, resumed_summary):
+        s.pop("wall_time_s")
+    assert resumed_summary == summary
 
 
 def test_learns(tmp_path, enc):
     cfg = cfg_of(enc, steps=300, steps_per_level=100, batch_size=32, lr=3e-3, g_width=32, d_width=32,
-                 latent_dim=64, log_every=10, eval_every=300, checkpoint_every=300)
+                 latent_dim=64, log_every=10, eval_every=300, checkpoint_every=300, eval_samples=128)
     run = Run(cfg, tmp_path)
     progan.train(cfg, run)
     run.close()
     rs = rows(tmp_path)
     init, final = rs[0], rs[-1]
     assert init["step"] == 0 and final["step"] == 300
-    assert final["swd"] < 0.75 * init["swd"]
-    assert final["fid_scratchenc"] < 0.75 * init["fid_scratchenc"]
+    assert final["kid_scratchenc"] < 0.5 * init["kid_scratchenc"]
+    assert final["coverage_scratchenc"] > init["coverage_scratchenc"] + 0.1
     assert final["wdist"] > 0  # the critic tells real from generated

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainers import metrics
-from trainers.common import DataConfig, EXIT_INTERRUPTED
-from trainers.data import load_split
+from trainers import judge
+from trainers.common import DataConfig, EXIT_INTERRUPTED, Run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = {"resolution": 16, "num_train": 256, "num_heldout": 64}
@@ -20,13 +19,17 @@ TINY_DATA = {"resolution": 16, "num_train": 256, "num_heldout": 64}
 
 
 
-def encoder_cache(tmp_path_factory) -> str:
-    """A directory holding the scratch encoder of TINY_DATA, trained once per pytest session and
-    handed to trainers as data.cache_dir, so their subprocesses load it instead of training it."""
-    path = tmp_path_factory.getbasetemp() / "scratchenc-cache"
-    images, labels = load_split(DataConfig(**TINY_DATA), "train")
-    metrics.get_scratch_encoder(images, labels, cache_dir=str(path))
+def judge_dir(tmp_path_factory) -> str:
+    """The folder of a judge run on TINY_DATA, trained once per pytest session and handed to trainers
+    as `judge_dir`, so their runs and subprocesses load it instead of training their own."""
+    path = tmp_path_factory.getbasetemp() / "judge-tiny"
+    if not (path / "summary.json").exists():
+        cfg = judge.Config(data=DataConfig(**TINY_DATA))
+        run = Run(cfg, path)
+        judge.train(cfg, run)
+        run.close()
     return str(path)
+
 
 
 def rows(out):
@@ -57,7 +60,7 @@ def assert_same(a, b, where="checkpoint"):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{where}[{i}]")
     else:
-        assert a == b, where
+        assert a == b or (a != a and b != b), where  # nan (e.g. FID of too few samples) equals nan
 
 
 def assert_bit_exact_resume(trainer, cfg: dict, tmp_path):
@@ -101,6 +104,8 @@ def assert_outputs(out, trainer_module, grids=("samples",)):
     out = Path(out)
     summary = json.loads((out / "summary.json").read_text())
     for k in trainer_module.METRICS:
+        if k == "fid_scratchenc" and summary.get(k) is None:  # nan: too few samples for the covariance
+            continue
         assert isinstance(summary.get(k), (int, float)), (k, summary.get(k))
     assert summary["diverged"] is False
     rs = rows(out)

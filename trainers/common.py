@@ -42,6 +42,7 @@ class DataConfig(BaseModel):
     num_train: int = 2048         # procedural only
     num_heldout: int = 256        # procedural only
     seed: int = 1234              # dataset generation seed, independent of the training seed
+    draw: int = 0                 # which draw of the data: procedural images, or the folder's held-out split
     families: list[str] | None = None  # procedural shape families, None = all
     path: str | None = None       # folder source: directory of images
     cache_dir: str | None = None  # folder source: where decoded/resized arrays are cached
@@ -53,6 +54,8 @@ class DataConfig(BaseModel):
     def _check(self):
         if self.resolution < 1:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
+        if self.draw < 0:
+            raise ValueError(f"draw must be >= 0, got {self.draw}")
         if self.source == "procedural":
             if not 16 <= self.resolution <= 64:
                 raise ValueError(f"procedural data supports resolution 16..64, got {self.resolution}")
@@ -188,6 +191,23 @@ def load_artifact(out_dir, map_location="cpu") -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no artifact at {path}")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def averaged_eval_steps(cfg) -> list[int]:
+    """The steps whose evaluations a summary averages (cfg.eval_average of them, cfg.eval_average_every
+    apart, 0 = steps // 20, ending at cfg.steps): late enough that the trend is small, spread enough
+    that the mean is not one draw of an oscillating run."""
+    every = cfg.eval_average_every or max(1, cfg.steps // 20)
+    return sorted(s for s in (cfg.steps - i * every for i in range(cfg.eval_average)) if s > 0)
+
+
+def average_evaluations(recent: list[dict]) -> dict:
+    """The key-wise mean of evaluations {"step": s, **metrics} (the keys all of them have), and the
+    steps they were taken at."""
+    keys = [k for k in recent[0] if k != "step" and all(k in r for r in recent)]
+    out = {k: sum(float(r[k]) for r in recent) / len(recent) for k in keys}
+    out["eval_steps_averaged"] = [r["step"] for r in recent]
+    return out
 
 
 # -----------------------------------------------------------------------------

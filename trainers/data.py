@@ -2,8 +2,9 @@
 Built-in procedural dataset: one centred object per image (disc, square, triangle, ring, star, cross,
 hexagon, crescent) with an outline and shading, drawn over a varied background (linear or radial
 gradient, stripes, smooth noise), in one of several palettes, with random scale, rotation and small
-offsets. Generated deterministically from DataConfig.seed with vectorised numpy; nothing is
-downloaded. `load_split` also dispatches to the image-folder loader for `source == "folder"`.
+offsets. Generated deterministically from DataConfig.seed and DataConfig.draw (a study's replicate k
+sees draw k; draw 0 is the original data) with vectorised numpy; nothing is downloaded.
+`load_split` also dispatches to the image-folder loader for `source == "folder"`.
 """
 
 import functools
@@ -81,8 +82,9 @@ def _smoothstep(t):
     return t * t * (3 - 2 * t)
 
 
-def _generate(n: int, res: int, seed: int, split_id: int, chunk_id: int, family_ids: tuple[int, ...]):
-    rng = np.random.default_rng([seed % 2**63, split_id, res, chunk_id])
+def _generate(n: int, res: int, seed: int, draw: int, split_id: int, chunk_id: int, family_ids: tuple[int, ...]):
+    entropy = [seed % 2**63, split_id, res, chunk_id] + ([draw] if draw else [])  # draw 0: the original data
+    rng = np.random.default_rng(entropy)
     fam = rng.choice(np.array(family_ids), size=n)
     pal = rng.integers(0, len(PALETTES), size=n)
     colors = PALETTES[pal] * rng.uniform(0.9, 1.1, size=(n, 4, 3)).astype(np.float32)  # per-image jitter
@@ -142,9 +144,9 @@ def _generate(n: int, res: int, seed: int, split_id: int, chunk_id: int, family_
 
 
 @functools.lru_cache(maxsize=16)
-def _procedural(n: int, res: int, seed: int, split_id: int, family_ids: tuple[int, ...]):
+def _procedural(n: int, res: int, seed: int, draw: int, split_id: int, family_ids: tuple[int, ...]):
     chunk = max(1, (1 << 22) // (res * res))  # bounds peak memory at 64 px
-    parts = [_generate(min(chunk, n - i), res, seed, split_id, i // chunk, family_ids)
+    parts = [_generate(min(chunk, n - i), res, seed, draw, split_id, i // chunk, family_ids)
              for i in range(0, n, chunk)]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
@@ -161,5 +163,5 @@ def load_split(cfg: DataConfig, split: Literal["train", "heldout"]) -> tuple[tor
     names = cfg.families if cfg.families is not None else FAMILIES
     family_ids = tuple(sorted({FAMILIES.index(f) for f in names}))
     n = cfg.num_train if split == "train" else cfg.num_heldout
-    images, labels = _procedural(n, cfg.resolution, cfg.seed, 0 if split == "train" else 1, family_ids)
+    images, labels = _procedural(n, cfg.resolution, cfg.seed, cfg.draw, 0 if split == "train" else 1, family_ids)
     return images.clone(), labels.clone()  # callers may modify their copy

@@ -7,6 +7,7 @@ init, Adam(2e-4, beta1 0.5), the non-saturating GAN loss. Works at data.resoluti
 
 metrics.jsonl: `loss` is the discriminator's loss (loss_d); loss_g, d_real, d_fake (mean sigmoid
 outputs) and, every eval_every steps and at step 0, the sample metrics of trainers/metrics.py.
+Also at the `eval_average` steps whose evaluations summary.json averages (eval_steps_averaged).
 """
 
 import math
@@ -18,14 +19,15 @@ import torch.nn.functional as F
 from pydantic import model_validator
 
 from trainers import metrics
-from trainers.common import Run, TrainerConfig, main, seed_everything
+from trainers.common import Run, average_evaluations, averaged_eval_steps, main, seed_everything
 from trainers.data import load_split, to_float, to_uint8
+from trainers.judge import JUDGE_UPSTREAM, JudgedConfig
 
 # -----------------------------------------------------------------------------
 # config
 
 
-class Config(TrainerConfig):
+class Config(JudgedConfig):
     steps: int = 600
     batch_size: int = 64
     lr: float = 2e-4
@@ -37,16 +39,24 @@ class Config(TrainerConfig):
     latent_dim: int = 64
     g_width: int = 64        # channels of the generator's last hidden layer, doubled towards 4x4
     d_width: int = 64        # channels of the discriminator's first layer, doubled towards 4x4
-    eval_samples: int = 256
+    # summary metrics = the mean of eval_average evaluations, eval_average_every steps apart (0 = steps // 20)
+    # and ending at `steps`, so an oscillating GAN is not judged on one draw; they come on top of the
+    # curve's evaluations every eval_every steps (all with eval_samples samples)
+    eval_average: int = 3
+    eval_average_every: int = 0
 
     @model_validator(mode="after")
     def _check(self):
         num_ups(self.data.resolution)
+        if self.eval_average < 1 or self.eval_average_every < 0:
+            raise ValueError(f"need eval_average >= 1 and eval_average_every >= 0, got {self.eval_average} "
+                             f"and {self.eval_average_every}")
         return self
 
 
 METRICS = {"loss_d": "min", "loss_g": "min", **metrics.DIRECTIONS}
-UPSTREAM: dict = {}
+UPSTREAM = {"judge": JUDGE_UPSTREAM}
+SEED_RANDOMISES = ["model initialisation", "batch order and latents", "evaluation latents", "data draw (data.draw)"]
 
 # -----------------------------------------------------------------------------
 # model
@@ -119,8 +129,7 @@ def train(cfg: Config, run: Run):
     held_u8, y_held = load_split(cfg.data, "heldout")
     R = cfg.data.resolution
     x_train = to_float(x_u8).to(dev)
-    evaluator = metrics.Evaluator(x_u8, y_train, held_u8, y_held,
-                                  cache_dir=cfg.data.cache_dir or str(run.out), device=dev)
+    evaluator = metrics.build_evaluator(cfg, run, x_u8, held_u8)
 
     seed_everything(cfg.seed)
     G = Generator(cfg.latent_dim, cfg.g_width, R).to(dev)
@@ -133,6 +142,8 @@ def train(cfg: Config, run: Run):
     z_eval = torch.randn(cfg.eval_samples, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(dev)
     step, last_log = 0, {}
     acc = torch.zeros(5, device=dev)  # sums of loss_d, loss_g, d_real, d_fake and a count since the last log
+    window = averaged_eval_steps(cfg)
+    recent: list[dict] = []           # the evaluations at the steps in `window` so far
 
     state = run.resume()
     if state is not None:
@@ -141,11 +152,11 @@ def train(cfg: Config, run: Run):
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         gen.set_state(state["gen"])
-        step, acc, last_log = state["step"], state["acc"].to(dev), state["last_log"]
+        step, acc, last_log, recent = state["step"], state["acc"].to(dev), state["last_log"], state["recent"]
 
     def snapshot():
         return {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-                "gen": gen.get_state(), "acc": acc, "last_log": last_log}
+                "gen": gen.get_state(), "acc": acc, "last_log": last_log, "recent": recent}
 
     def evaluate():
         samples = generate(G, z_eval, run)
@@ -154,7 +165,7 @@ def train(cfg: Config, run: Run):
     if step == 0:
         run.log(0, **evaluate()[0])
     g_fwd, d_fwd = run.maybe_compile(G), run.maybe_compile(D)
-    last_eval, last_eval_step = None, -1
+    last_samples = None
     while step < cfg.steps:
         idx = torch.randint(x_train.shape[0], (cfg.batch_size,), generator=gen).to(dev)
         z = torch.randn(cfg.batch_size, cfg.latent_dim, generator=gen).to(dev)
@@ -183,9 +194,11 @@ def train(cfg: Config, run: Run):
             last_log = {"loss_d": ld, "loss_g": lg}
             row.update(loss=ld, **last_log, d_real=dr, d_fake=df)
             acc = torch.zeros(5, device=dev)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_eval, last_eval_step = evaluate(), step
-            row.update(last_eval[0])
+        if step % cfg.eval_every == 0 or step in window:
+            scores, last_samples = evaluate()
+            if step in window:
+                recent.append({"step": step, **scores})
+            row.update(scores)
         if row:
             run.log(step, **row)
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -195,10 +208,11 @@ def train(cfg: Config, run: Run):
         if run.stop_requested:
             run.stop(step, snapshot())
 
-    if last_eval_step != step:  # resumed from the final checkpoint
-        last_eval = evaluate()
-    final, samples = last_eval
-    run.save_grid("samples", samples[:64])
+    if last_samples is None:  # resumed from the final checkpoint (its evaluation is in `recent`), or steps 0
+        scores, last_samples = evaluate()
+        recent = recent or [{"step": step, **scores}]
+    final = average_evaluations(recent)
+    run.save_grid("samples", last_samples[:64])
     run.save_artifact({"kind": "dcgan", "config": cfg.model_dump(), "step": step,
                        "state_dict": {k: v.detach().cpu() for k, v in G.state_dict().items()}})
     run.write_summary({"steps": step, "loss": last_log.get("loss_d"), **last_log, **final, "diverged": False})

@@ -7,9 +7,12 @@ schedule. Objectives: `eps` (predict the noise), `v` (predict v = alpha_t eps - 
 Salimans & Ho 2022) or `flow` (flow matching on the straight path x_t = (1 - t) x_0 + t eps,
 predicting the velocity eps - x_0, Lipman et al. 2023 / Liu et al. 2023; sampled with Euler steps,
 `schedule` does not apply). eps and v sample with DDIM (Song et al. 2021) and `ddim_eta`.
+`loss_weighting: eps` (the default) weights every objective so that its loss equals the MSE of the
+noise estimate it implies: an arm that changes the objective changes only the parameterisation, not
+which noise levels the loss emphasises; `native` is the plain MSE on each objective's own target.
 Optional class conditioning on the procedural family with label dropout, and classifier-free
 guidance (Ho & Salimans 2022) at sampling: out = out_uncond + w (out_cond - out_uncond). Samples
-come from an EMA of the weights.
+come from an EMA of the weights (`ema_beta: 0` samples from the raw weights).
 
 `fit` is the whole training loop on tensors in model space; trainers/latent_diffusion.py calls it
 on VAE latents.
@@ -28,8 +31,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from trainers import metrics
-from trainers.common import Run, TrainerConfig, main, seed_everything
+from trainers.common import Run, main, seed_everything
 from trainers.data import FAMILIES, load_split, to_float, to_uint8
+from trainers.judge import JUDGE_UPSTREAM, JudgedConfig
 
 # -----------------------------------------------------------------------------
 # config
@@ -55,7 +59,7 @@ class UNetConfig(BaseModel):
         return self
 
 
-class Config(TrainerConfig):
+class Config(JudgedConfig):
     steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
@@ -67,14 +71,14 @@ class Config(TrainerConfig):
     sample_every: int = 0
     unet: UNetConfig = UNetConfig()
     objective: Literal["eps", "v", "flow"] = "eps"
+    loss_weighting: Literal["eps", "native"] = "eps"  # see loss_weight()
     schedule: Literal["cosine", "linear"] = "cosine"
-    ema_beta: float = 0.999
+    ema_beta: float = 0.999         # EMA of the weights for sampling; 0 = no EMA (the raw weights)
     class_cond: bool = True         # condition on the procedural family (folder data: one class)
     label_dropout: float = 0.1      # share of training labels replaced by the null label
     guidance_scale: float = 1.0     # classifier-free guidance at sampling; 1 = plain conditional
     sample_steps: int = 50          # DDIM / Euler steps
     ddim_eta: float = 0.0
-    eval_samples: int = 256
 
     @model_validator(mode="after")
     def _check(self):
@@ -96,7 +100,9 @@ class Config(TrainerConfig):
 
 
 METRICS = {"loss": "min", **metrics.DIRECTIONS}
-UPSTREAM: dict = {}
+UPSTREAM = {"judge": JUDGE_UPSTREAM}
+SEED_RANDOMISES = ["model initialisation", "batch order, diffusion times, noise, label dropout and dropout masks",
+                   "evaluation labels and sampling noise", "data draw (data.draw)"]
 
 # -----------------------------------------------------------------------------
 # noise schedules (continuous time)
@@ -238,6 +244,20 @@ def training_pair(cfg, x0, t, noise):
     return x_t, (noise if cfg.objective == "eps" else a * noise - s * x0)
 
 
+def loss_weight(cfg, t):
+    """Per-sample weight of the objective's MSE; None = 1. With loss_weighting 'eps' the weighted MSE is
+    the MSE of the implied noise estimate:
+      v:    v = alpha eps - sigma x0 and x_t = alpha x0 + sigma eps give eps = sigma x_t + alpha v, so
+            ||eps_hat - eps||^2 = alpha^2 ||v_hat - v||^2 = SNR / (1 + SNR) ||v_hat - v||^2 (in x0 terms,
+            plain v-MSE is (1 + SNR) ||x0_hat - x0||^2 and eps-MSE is SNR ||x0_hat - x0||^2);
+      flow: x_t = (1 - t) x0 + t eps and u = eps - x0 give eps = x_t + (1 - t) u, so the weight is (1 - t)^2."""
+    if cfg.loss_weighting == "native" or cfg.objective == "eps":
+        return None
+    if cfg.objective == "v":
+        return alpha_sigma(cfg.schedule, t)[0] ** 2
+    return (1 - t) ** 2
+
+
 def guided(model, x, t, labels, cfg, run):
     """Model output with classifier-free guidance (one batched call for both branches)."""
     tt = torch.full((x.shape[0],), float(t), device=x.device)
@@ -349,7 +369,9 @@ def fit(cfg: Config, run: Run, x_train, y_train, evaluator, num_classes: int,
         x_t, target = training_pair(cfg, x_train[idx], t, noise)
         with run.autocast():  # dropout masks come from the global RNG, which checkpoints restore
             pred = fwd(x_t, t, labels).float()
-        loss = F.mse_loss(pred, target)
+        weight = loss_weight(cfg, t)
+        loss = F.mse_loss(pred, target) if weight is None else \
+            ((pred - target).pow(2).flatten(1).mean(1) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -393,8 +415,7 @@ def fit(cfg: Config, run: Run, x_train, y_train, evaluator, num_classes: int,
 def train(cfg: Config, run: Run):
     x_u8, y_train = load_split(cfg.data, "train")
     held_u8, y_held = load_split(cfg.data, "heldout")
-    evaluator = metrics.Evaluator(x_u8, y_train, held_u8, y_held,
-                                  cache_dir=cfg.data.cache_dir or str(run.out), device=run.device)
+    evaluator = metrics.build_evaluator(cfg, run, x_u8, held_u8)
     return fit(cfg, run, to_float(x_u8).to(run.device), y_train, evaluator, num_classes=len(FAMILIES))
 
 

@@ -9,7 +9,9 @@ figure-ground test: the object that stands out from the border colour must sit
 near the centre). The result is cached as .npz in `data.cache_dir` (default
 `<path>/.armature-cache`), keyed by the file list with sizes and mtimes, the
 resolution and the filters, so later runs do not decode again. The train/held-out
-split is a hash of each file's relative path, so it is stable when files are added.
+split is a hash of each file's relative path (salted by `data.draw` for draws other
+than 0, so each replicate of a study holds out a different subset), so it is stable
+when files are added.
 """
 import hashlib
 import json
@@ -149,10 +151,12 @@ def _load_cache(path: Path):
         return z["images"], z["paths"].tolist(), z["skipped"].tolist(), json.loads(str(z["dropped"]))
 
 
-def heldout_mask(paths: list[str], fraction: float) -> np.ndarray:
-    """Held-out iff the hash of the relative path, read as a number in [0, 1), is
-    below `fraction`; with two or more images both splits are kept non-empty."""
-    u = np.array([int(hashlib.sha1(p.encode()).hexdigest()[:12], 16) / 16 ** 12 for p in paths])
+def heldout_mask(paths: list[str], fraction: float, draw: int = 0) -> np.ndarray:
+    """Held-out iff the hash of the relative path (prefixed by the draw, for draws
+    other than 0), read as a number in [0, 1), is below `fraction`; with two or more
+    images both splits are kept non-empty."""
+    keys = paths if draw == 0 else [f"{draw}:{p}" for p in paths]
+    u = np.array([int(hashlib.sha1(k.encode()).hexdigest()[:12], 16) / 16 ** 12 for k in keys])
     mask = u < fraction
     if len(paths) >= 2 and not mask.any():
         mask[np.argmin(u)] = True
@@ -195,7 +199,7 @@ def load_folder(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor
     if not paths:
         raise BadConfig(f"no usable images under {root} after decoding and filtering")
 
-    mask = heldout_mask(paths, cfg.heldout_fraction)
+    mask = heldout_mask(paths, cfg.heldout_fraction, cfg.draw)
     sel = mask if split == "heldout" else ~mask
     images = torch.from_numpy(np.ascontiguousarray(arr[sel]))
     return images, torch.zeros(len(images), dtype=torch.int64)

@@ -20,6 +20,7 @@ from pydantic import model_validator
 from trainers import diffusion, metrics, vae
 from trainers.common import BadConfig, Run, main
 from trainers.data import FAMILIES, load_split, to_float
+from trainers.judge import JUDGE_UPSTREAM
 
 
 # defaults that differ from the pixel-space U-Net and the standalone VAE: latents are R/2 x R/2,
@@ -57,7 +58,9 @@ class Config(diffusion.Config):
 
 METRICS = diffusion.METRICS
 # the `autoencoder` field holds the config of a vae run whose OUT directory goes into `autoencoder_dir`
-UPSTREAM = {"autoencoder": {"trainer": "vae", "dir_field": "autoencoder_dir"}}
+UPSTREAM = {"autoencoder": {"trainer": "vae", "dir_field": "autoencoder_dir"}, "judge": JUDGE_UPSTREAM}
+SEED_RANDOMISES = diffusion.SEED_RANDOMISES + [
+    "the autoencoder (in a study its upstream run is replicated per seed; run alone, autoencoder.seed)"]
 
 
 def get_autoencoder(cfg: Config, run: Run):
@@ -77,8 +80,7 @@ def train(cfg: Config, run: Run):
         raise BadConfig(f"data.resolution {R} is not divisible by the autoencoder's downsample {f}")
     x_u8, y_train = load_split(cfg.data, "train")
     held_u8, y_held = load_split(cfg.data, "heldout")
-    evaluator = metrics.Evaluator(x_u8, y_train, held_u8, y_held,
-                                  cache_dir=cfg.data.cache_dir or str(run.out), device=run.device)
+    evaluator = metrics.build_evaluator(cfg, run, x_u8, held_u8)
     z = encode(ae, x_u8, run.device)
     scale = 1.0 / z.std().item()
 

@@ -8,6 +8,12 @@ re-masks the rest, so that the number still masked follows gamma(t / T).
 The tokenizer is the artifact of a vqvae run (`tokenizer_dir`); without one it is trained first,
 from the `tokenizer` config, into OUT/upstream/tokenizer.
 
+Evaluation judges the model by its images, not its tokens: eval_samples unconditional samples are
+decoded by the tokenizer and scored by the study's judge against real held-out images (KID, FID,
+SWD, PRDC, memorization; trainers/metrics.py), and the centre of num_inpaint held-out images is
+inpainted and compared with the real pixels inside the hole (inpaint_mse). A collapsed codebook makes
+tokens easy to predict (heldout_masked_acc) but cannot make the decoded images look more real.
+
     python -m trainers.maskgit --config config.json --out DIR
 """
 
@@ -20,9 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from trainers import vqvae
-from trainers.common import BadConfig, Run, TrainerConfig, main, seed_everything
-from trainers.data import load_split, to_float
+from trainers import metrics, vqvae
+from trainers.common import BadConfig, Run, main, seed_everything
+from trainers.data import load_split, to_float, to_uint8
+from trainers.judge import JUDGE_UPSTREAM, JudgedConfig
 
 # -----------------------------------------------------------------------------
 # config
@@ -44,14 +51,14 @@ class TransformerConfig(BaseModel):
         return self
 
 
-class Config(TrainerConfig):
+class Config(JudgedConfig):
     steps: int = 400
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_steps: int = 20          # linear warm-up, then cosine decay to 10% of lr
     log_every: int = 10
-    eval_every: int = 100
+    eval_every: int = 200           # each evaluation decodes and judges eval_samples images
     checkpoint_every: int = 100
     sample_every: int = 0
     tokenizer: vqvae.Config = vqvae.Config()
@@ -62,8 +69,7 @@ class Config(TrainerConfig):
     decode_steps: int = 8
     temperature: float = 2.0        # scale of the Gumbel noise on confidences, annealed linearly to 0
     eval_mask_ratio: float = 0.5    # fixed mask ratio of the held-out masked-token metrics
-    num_samples: int = 64           # unconditional samples per evaluation
-    num_inpaint: int = 128          # held-out images inpainted per evaluation
+    num_inpaint: int = 128          # held-out images inpainted per evaluation (eval_samples: unconditional)
 
     @model_validator(mode="after")
     def _check(self):
@@ -73,15 +79,20 @@ class Config(TrainerConfig):
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 < self.eval_mask_ratio <= 1.0:
             raise ValueError(f"eval_mask_ratio must be in (0, 1], got {self.eval_mask_ratio}")
-        if self.temperature < 0 or self.num_samples < 2 or self.num_inpaint < 1 or self.warmup_steps < 0:
-            raise ValueError("need temperature >= 0, num_samples >= 2, num_inpaint >= 1, warmup_steps >= 0")
+        if self.temperature < 0 or self.num_inpaint < 1 or self.warmup_steps < 0:
+            raise ValueError("need temperature >= 0, num_inpaint >= 1, warmup_steps >= 0")
         return self
 
 
-METRICS = {"heldout_masked_acc": "max", "heldout_loss": "min", "token_kl": "min",
-           "sample_diversity": "max", "inpaint_acc": "max"}
+METRICS = {**metrics.DIRECTIONS, "inpaint_mse": "min",
+           # token-level, secondary: a collapsed codebook flatters these
+           "heldout_masked_acc": "max", "heldout_loss": "min", "token_kl": "min",
+           "token_diversity_gap": "min", "inpaint_acc": "max"}
 # the `tokenizer` field holds the config of a vqvae run whose OUT directory goes into `tokenizer_dir`
-UPSTREAM = {"tokenizer": {"trainer": "vqvae", "dir_field": "tokenizer_dir"}}
+UPSTREAM = {"tokenizer": {"trainer": "vqvae", "dir_field": "tokenizer_dir"}, "judge": JUDGE_UPSTREAM}
+SEED_RANDOMISES = ["transformer initialisation", "batch order, mask ratios and mask positions",
+                   "sampling and inpainting noise", "data draw (data.draw)",
+                   "the tokenizer and the judge (upstream runs of the same seed)"]
 
 
 def mask_fraction(schedule: str, r: torch.Tensor) -> torch.Tensor:
@@ -193,10 +204,21 @@ def tokenize(tok, images_u8, device, batch=512):
     return torch.cat(out).flatten(1)  # [N, L] row-major over the token grid
 
 
+def centre_box(h, w, scale=1):
+    """Row and column slices of the central hole of an h x w token grid, in units of `scale` pixels."""
+    return slice(h // 4 * scale, (h - h // 4) * scale), slice(w // 4 * scale, (w - w // 4) * scale)
+
+
 def centre_mask(n, h, w, device):
     m = torch.zeros(n, h, w, dtype=torch.bool, device=device)
-    m[:, h // 4: h - h // 4, w // 4: w - w // 4] = True
+    m[(slice(None), *centre_box(h, w))] = True
     return m.flatten(1)
+
+
+@torch.no_grad()
+def detokenize(tok, ids, grid_hw, batch=256):
+    """Token ids [N, L] -> float images [N, 3, R, R] in [-1, 1], decoded in batches."""
+    return torch.cat([tok.decode(b.view(-1, *grid_hw)).clamp(-1, 1) for b in ids.split(batch)])
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -212,7 +234,9 @@ def pairwise_hamming(ids):
 
 
 @torch.no_grad()
-def evaluate(model, cfg: Config, held, grid_hw, run: Run, want_samples=False):
+def evaluate(model, cfg: Config, held, held_u8, tok, evaluator, grid_hw, run: Run):
+    """Token-level metrics on held-out tokens, the judge's metrics on eval_samples decoded samples and
+    inpainting of the centre of held-out images. Returns (metrics, sample images, inpainting grid)."""
     model.eval()
     dev = held.device
     N, L = held.shape
@@ -231,40 +255,44 @@ def evaluate(model, cfg: Config, held, grid_hw, run: Run, want_samples=False):
         correct += (logits.argmax(-1)[m] == x[m]).sum().item()
     total = mask.sum().item()
 
-    # unconditional samples
+    # unconditional samples, judged as images
     g = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
-    S = cfg.num_samples
-    samples = decode(model, torch.zeros(S, L, dtype=torch.long, device=dev),
-                     torch.ones(S, L, dtype=torch.bool, device=dev), cfg, g, run)
+    S = cfg.eval_samples
+    samples = torch.cat([decode(model, torch.zeros(n, L, dtype=torch.long, device=dev),
+                                torch.ones(n, L, dtype=torch.bool, device=dev), cfg, g, run)
+                         for n in [min(512, S - i) for i in range(0, S, 512)]])
+    sample_u8 = to_uint8(detokenize(tok, samples, grid_hw)).cpu()
+    out = evaluator(sample_u8)
     h_gen = torch.bincount(samples.flatten(), minlength=K).float() + 1.0  # add-one smoothing
     h_data = torch.bincount(held.flatten(), minlength=K).float() + 1.0
     p_data, p_gen = h_data / h_data.sum(), h_gen / h_gen.sum()
     token_kl = (p_data * (p_data / p_gen).log()).sum().item()       # KL(data || generated)
-    data_div = pairwise_hamming(held[:S])
-    diversity = pairwise_hamming(samples) / max(data_div, 1e-8)
+    data_div, sample_div = pairwise_hamming(held[:256]), pairwise_hamming(samples[:256])
+    token_div_gap = abs(math.log(sample_div / data_div)) if sample_div > 0 and data_div > 0 else float("inf")
 
-    # inpainting the centre of held-out images
+    # inpainting the centre of held-out images: token accuracy and pixel MSE inside the hole
     g = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
     n_in = min(cfg.num_inpaint, N)
     cm = centre_mask(n_in, *grid_hw, dev)
     filled = decode(model, held[:n_in], cm, cfg, g, run)
     inpaint_acc = (filled[cm] == held[:n_in][cm]).float().mean().item()
+    inpainted = detokenize(tok, filled, grid_hw)
+    real = to_float(held_u8[:n_in]).to(inpainted.device)
+    hole = (slice(None), slice(None), *centre_box(*grid_hw, tok.downsample))
+    inpaint_mse = (inpainted[hole] - real[hole]).pow(2).mean().item()
     model.train()
-    metrics = {"heldout_masked_acc": correct / total, "heldout_loss": nll / total, "token_kl": token_kl,
-               "sample_diversity": diversity, "inpaint_acc": inpaint_acc}
-    return (metrics, samples, filled[:8]) if want_samples else metrics
+
+    out.update({"inpaint_mse": inpaint_mse, "heldout_masked_acc": correct / total, "heldout_loss": nll / total,
+                "token_kl": token_kl, "token_diversity_gap": token_div_gap, "inpaint_acc": inpaint_acc})
+    shown = real[:8].clone()
+    shown[hole] = 0.0  # grey hole
+    grid = torch.cat([real[:8], shown, inpainted[:8]])
+    return out, sample_u8[:64], grid
 
 
-@torch.no_grad()
-def save_grids(tok, samples, filled, held_u8, grid_hw, run: Run, suffix=""):
-    h, w = grid_hw
-    run.save_grid("samples" + suffix, tok.decode(samples.view(-1, h, w)).clamp(-1, 1))
-    orig = to_float(held_u8[:filled.shape[0]]).to(filled.device)
-    f = tok.downsample
-    masked = orig.clone()
-    masked[:, :, (h // 4) * f:(h - h // 4) * f, (w // 4) * f:(w - w // 4) * f] = 0.0  # grey hole
-    inpainted = tok.decode(filled.view(-1, h, w)).clamp(-1, 1)
-    run.save_grid("inpaint" + suffix, torch.cat([orig, masked, inpainted]), nrow=filled.shape[0])
+def save_grids(sample_u8, inpaint_grid, run: Run, suffix=""):
+    run.save_grid("samples" + suffix, sample_u8)
+    run.save_grid("inpaint" + suffix, inpaint_grid, nrow=inpaint_grid.shape[0] // 3)
 
 # -----------------------------------------------------------------------------
 # training
@@ -284,8 +312,9 @@ def train(cfg: Config, run: Run):
     if cfg.data.resolution % f:
         raise BadConfig(f"data.resolution {cfg.data.resolution} is not divisible by the tokenizer's downsample {f}")
     grid_hw = (cfg.data.resolution // f, cfg.data.resolution // f)
-    held_u8 = load_split(cfg.data, "heldout")[0]
-    train_tok = tokenize(tok, load_split(cfg.data, "train")[0], dev)
+    train_u8, held_u8 = load_split(cfg.data, "train")[0], load_split(cfg.data, "heldout")[0]
+    evaluator = metrics.build_evaluator(cfg, run, train_u8, held_u8)
+    train_tok = tokenize(tok, train_u8, dev)
     held_tok = tokenize(tok, held_u8, dev)
     N, L = train_tok.shape
     K = tok.codebook_size
@@ -338,23 +367,23 @@ def train(cfg: Config, run: Run):
             row.update(loss=last_loss, lr=lr_at(cfg, step - 1))
             loss_acc, loss_n = torch.zeros((), device=dev), 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_eval, last_eval_step = evaluate(model, cfg, held_tok, grid_hw, run, want_samples=True), step
+            last_eval, last_eval_step = evaluate(model, cfg, held_tok, held_u8, tok, evaluator, grid_hw, run), step
             run.check_finite(step, heldout_loss=last_eval[0]["heldout_loss"])
             row.update(last_eval[0])
         if row:
             run.log(step, **row)
         if cfg.sample_every and step % cfg.sample_every == 0:
-            _, samples, filled = evaluate(model, cfg, held_tok, grid_hw, run, want_samples=True)
-            save_grids(tok, samples, filled, held_u8, grid_hw, run, suffix=f"_step{step:06d}")
+            save_grids(*evaluate(model, cfg, held_tok, held_u8, tok, evaluator, grid_hw, run)[1:], run,
+                       suffix=f"_step{step:06d}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             run.save_checkpoint(step, snapshot())
         if run.stop_requested:
             run.stop(step, snapshot())
 
     if last_eval_step != step:  # resumed from the final checkpoint
-        last_eval = evaluate(model, cfg, held_tok, grid_hw, run, want_samples=True)
-    final, samples, filled = last_eval
-    save_grids(tok, samples, filled, held_u8, grid_hw, run)
+        last_eval = evaluate(model, cfg, held_tok, held_u8, tok, evaluator, grid_hw, run)
+    final, sample_u8, inpaint_grid = last_eval
+    save_grids(sample_u8, inpaint_grid, run)
     run.save_artifact({"kind": "maskgit", "config": cfg.model_dump(), "step": step, "vocab": K, "length": L,
                        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
     run.write_summary({"steps": step, "loss": last_loss, **final, "diverged": False})

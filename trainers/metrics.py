@@ -1,47 +1,60 @@
 """Sample-quality metrics that need no pretrained network.
 
-Every trainer evaluates its samples with the same `Evaluator`:
+Every image trainer gets its `Evaluator` from `build_evaluator(cfg, run, train_u8, heldout_u8)`.
+Distribution metrics compare samples with the held-out split of the study's judge (trainers/judge.py,
+one encoder per study and seed, shared by every arm); memorization compares them with the arm's own
+training and held-out images. Lower is better unless marked (max):
 
-  swd                  ProGAN's sliced Wasserstein distance on 7x7 patches of a
-                       Laplacian pyramid (x1e3, averaged over levels)
-  fid_scratchenc       Frechet distance on features of a small encoder trained
-                       from scratch on the run's own training images
-  precision/recall/density/coverage_scratchenc
-                       k-NN manifold metrics (Naeem et al. 2020) on those features
-  diversity            mean pairwise pixel distance of samples / same for real images
-  memorization_nn_ratio  median NN distance sample->train / held-out->train
-                       (<1: samples sit closer to training images than unseen
-                       real images do, i.e. copying)
-  modes_covered        fraction of procedural families the encoder's classifier
-                       finds among the samples
+  swd                  sliced Wasserstein distance (x1e3) between 7x7 patch descriptors of a Laplacian
+                       pyramid, averaged over levels from R down to 8 px (>= 2 levels: 16 and 8 px at
+                       16 px). As in Karras et al. 2018, each set's descriptors are normalised per
+                       level and channel by that set's OWN mean and std, so SWD sees local structure
+                       (edges, textures, shapes) but not global colour or brightness shifts; KID and
+                       FID, on the judge's features, see those.
+  kid_scratchenc       kernel inception distance (Binkowski et al. 2018, x1e3): the unbiased estimate
+                       of MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3 on judge features. Unbiased
+                       at any sample size: two samples of one distribution score ~0 (it can be < 0).
+  fid_scratchenc       Frechet distance on judge features. nan when either set has no more samples
+                       than feature dimensions (112 by default): the sample covariance is then
+                       singular and the value meaningless; read KID there.
+  precision/recall/density/coverage_scratchenc (max)
+                       k-NN manifold metrics (Naeem et al. 2020) on judge features
+  diversity_gap        |log(mean pairwise pixel distance of samples / same of real images)|:
+                       0 = as diverse as the data; collapse and noise both score high
+  memorized_fraction   share of samples whose nearest training image (pixels) is nearer than the
+                       5th percentile of held-out-to-train nearest-neighbour distances: unseen real
+                       images score ~0.05, copies of training images 1
+  modes_covered (max)  share of procedural families the judge's classifier finds among the samples
   mode_kl              KL(histogram of predicted families || uniform)
 
-Images are uint8 tensors [N, 3, R, R]. Nothing here touches the global RNG:
-all randomness comes from seeded torch.Generators, so evaluating in the middle
-of training does not change the training curve.
+Images are uint8 tensors [N, 3, R, R]. Nothing here touches the global RNG: all randomness comes
+from seeded torch.Generators, so evaluating in the middle of training does not change the curve.
 """
-import hashlib
 import math
-import os
-import tempfile
+import sys
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from trainers import judge as judge_mod
+from trainers.common import BadConfig
+from trainers.data import load_split
 
 DIRECTIONS = {
     "swd": "min",
     "fid_scratchenc": "min",
+    "kid_scratchenc": "min",
     "precision_scratchenc": "max",
     "recall_scratchenc": "max",
     "density_scratchenc": "max",
     "coverage_scratchenc": "max",
-    "diversity": "max",
-    "memorization_nn_ratio": "max",
+    "diversity_gap": "min",
+    "memorized_fraction": "min",
     "modes_covered": "max",
     "mode_kl": "min",
 }
+MEMORIZATION_QUANTILE = 0.05
 
 
 def _to_float(images):
@@ -101,31 +114,35 @@ def _sliced_wasserstein(a, b, gen, repeats, dirs):
     return total / repeats
 
 
-def swd(real, fake, seed=0, per_image=128, repeats=4, dirs=128, min_res=16):
-    """Sliced Wasserstein distance x1e3 between two uint8 image sets, averaged over
-    pyramid levels from R down to min(min_res, R). Patch descriptors of both sets
-    are normalised per level and channel with the *real* set's mean/std (ProGAN
-    normalises each set by its own statistics, which hides global colour shifts)."""
+def swd_levels(res, min_res=8, patch=7):
+    """Sides of the pyramid levels SWD compares: R, R/2, ... down to max(min_res, patch)."""
+    if res < 2 * max(min_res, patch):
+        raise ValueError(f"SWD needs images of at least {2 * max(min_res, patch)} px for two pyramid levels, got {res}")
+    return [res >> i for i in range(1 + int(math.log2(res / max(min_res, patch))))]
+
+
+def swd(real, fake, seed=0, per_image=128, repeats=4, dirs=128, min_res=8, patch=7):
+    """Sliced Wasserstein distance x1e3 between two uint8 image sets, averaged over the levels of a
+    Laplacian pyramid from R down to min_res (R=16 -> levels 16 and 8). Each set's patch descriptors
+    are normalised per level and channel by the set's own mean and std (Karras et al. 2018)."""
     a, b = _to_float(real), _to_float(fake)
     res = a.shape[-1]
     assert b.shape[-1] == res, "real and fake resolutions differ"
-    assert res >= 8, "SWD needs images of at least 8x8 (7x7 patches)"
-    num_levels = 1 + int(math.log2(res // min(min_res, res)))
+    num_levels = len(swd_levels(res, min_res, patch))
     n = min(len(a), len(b))
-    pyr_a, pyr_b = laplacian_pyramid(a, num_levels), laplacian_pyramid(b, num_levels)
     dists = []
-    for level, (la, lb) in enumerate(zip(pyr_a, pyr_b)):
-        # the same seed for both sets: identical inputs give identical descriptors
+    for level, (la, lb) in enumerate(zip(laplacian_pyramid(a, num_levels), laplacian_pyramid(b, num_levels))):
         descs = []
         for lv in (la, lb):
+            # the same seed for both sets: identical inputs give identical descriptors
             g = torch.Generator().manual_seed(seed * 1000 + level)
             idx = torch.randperm(len(lv), generator=g)[:n]
-            descs.append(_patches(lv, idx, g, per_image))
-        mean = descs[0].mean(dim=(0, 1), keepdim=True)
-        std = descs[0].std(dim=(0, 1), keepdim=True).clamp(min=1e-8)
-        da, db = [((d - mean) / std).flatten(1) for d in descs]
+            positions = (lv.shape[-2] - patch + 1) * (lv.shape[-1] - patch + 1)
+            d = _patches(lv, idx, g, min(per_image, positions), patch)
+            d = (d - d.mean(dim=(0, 1), keepdim=True)) / d.std(dim=(0, 1), keepdim=True).clamp(min=1e-8)
+            descs.append(d.flatten(1))
         g = torch.Generator().manual_seed(seed * 1000 + 500 + level)
-        dists.append(_sliced_wasserstein(da, db, g, repeats, dirs))
+        dists.append(_sliced_wasserstein(descs[0], descs[1], g, repeats, dirs))
     return 1e3 * sum(dists) / len(dists)
 
 
@@ -133,11 +150,11 @@ def swd(real, fake, seed=0, per_image=128, repeats=4, dirs=128, min_res=16):
 # Feature-space metrics
 
 def frechet_distance(feat_a, feat_b):
-    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2).
-    tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2), whose argument is symmetric
-    PSD, so both roots come from eigh (no scipy)."""
+    """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2); nan when either set has no more rows
+    than columns (singular covariance). tr((S_a S_b)^1/2) = tr((S_a^1/2 S_b S_a^1/2)^1/2), whose
+    argument is symmetric PSD, so both roots come from eigh (no scipy)."""
     a, b = feat_a.double(), feat_b.double()
-    if len(a) < 2 or len(b) < 2:
+    if min(len(a), len(b)) <= a.shape[1]:
         return float("nan")
     return frechet_from_moments(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
@@ -150,6 +167,27 @@ def frechet_from_moments(mu_a, s_a, mu_b, s_b):
     tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     d = (mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * tr_sqrt
     return max(d.item(), 0.0)
+
+
+def _poly_kernel_sum(a, b, block=2048):
+    """Sum over all pairs of (a_i . b_j / d + 1)^3, in blocks so memory stays bounded."""
+    d = a.shape[1]
+    return sum(((x @ y.T) / d + 1).pow(3).sum().item() for x in a.split(block) for y in b.split(block))
+
+
+def kid(feat_a, feat_b):
+    """Unbiased MMD^2 (Binkowski et al. 2018) with the cubic polynomial kernel k(x, y) = (x.y/d + 1)^3:
+    mean of k over distinct pairs within a + same within b - 2 mean of k over pairs across. Raw units
+    (the Evaluator reports it x1e3); nan with fewer than two rows in either set."""
+    a, b = feat_a.double(), feat_b.double()
+    m, n, d = len(a), len(b), a.shape[1]
+    if m < 2 or n < 2:
+        return float("nan")
+    diag_a = (a.pow(2).sum(1) / d + 1).pow(3).sum().item()
+    diag_b = (b.pow(2).sum(1) / d + 1).pow(3).sum().item()
+    within_a = (_poly_kernel_sum(a, a) - diag_a) / (m * (m - 1))
+    within_b = (_poly_kernel_sum(b, b) - diag_b) / (n * (n - 1))
+    return within_a + within_b - 2 * _poly_kernel_sum(a, b) / (m * n)
 
 
 def _kth_nn_radius(x, k):
@@ -176,6 +214,9 @@ def prdc(real_feat, fake_feat, k=5):
     }
 
 
+# ---------------------------------------------------------------------------
+# Pixel-space metrics: diversity and memorization
+
 def _pixels(images, res=32):
     """Images as flat float vectors, area-downsampled to at most res x res."""
     x = _to_float(images)
@@ -191,12 +232,30 @@ def mean_pairwise_distance(x):
     return (d.sum() / (len(x) * (len(x) - 1))).item()
 
 
+def diversity_gap(sample_px, real_diversity):
+    """|log(mean pairwise distance of the samples / that of real images)|; inf for a fully collapsed set."""
+    div = mean_pairwise_distance(sample_px)
+    if real_diversity <= 0:
+        return float("nan")
+    return abs(math.log(div / real_diversity)) if div > 0 else float("inf")
+
+
 def nn_distance(queries, reference, chunk=1024):
     """Distance of each query row to its nearest reference row."""
     out = []
     for q in queries.split(chunk):
         out.append(torch.cat([torch.cdist(q, r) for r in reference.split(8192)], dim=1).min(dim=1).values)
     return torch.cat(out)
+
+
+def memorization_threshold(heldout_px, train_px, quantile=MEMORIZATION_QUANTILE):
+    """The `quantile` of held-out-to-train nearest-neighbour distances: closer than this is 'copied'."""
+    return torch.quantile(nn_distance(heldout_px, train_px).double(), quantile).item()
+
+
+def memorized_fraction(sample_px, train_px, threshold):
+    """Share of samples at most `threshold` from their nearest training image."""
+    return (nn_distance(sample_px, train_px) <= threshold).double().mean().item()
 
 
 def mode_histogram_metrics(pred, families):
@@ -210,170 +269,51 @@ def mode_histogram_metrics(pred, families):
 
 
 # ---------------------------------------------------------------------------
-# The scratch encoder: a small conv net trained on the run's own training images
-# to classify the procedural family (when there is more than one) and to predict
-# which of four rotations was applied (self-supervised; works on unlabelled
-# photographs too). Features = pooled stage-1, pooled stage-2 and the embedding,
-# each group scaled to unit total variance on the training set so low-level
-# colour/texture statistics and the learned embedding weigh the same.
-
-class ScratchEncoder(nn.Module):
-    def __init__(self, num_classes, width=16, embed_dim=128):
-        super().__init__()
-        c1, c2, c3 = width, 2 * width, 4 * width
-
-        def stage(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                                 nn.Conv2d(cout, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-        self.stage1, self.stage2, self.stage3 = stage(3, c1), stage(c1, c2), stage(c2, c3)
-        self.embed = nn.Linear(c3 * 4, embed_dim)
-        self.cls_head = nn.Linear(embed_dim, num_classes)
-        self.rot_head = nn.Linear(embed_dim, 4)
-        self.register_buffer("group_scale", torch.ones(3))
-
-    def trunk(self, x):
-        h1 = self.stage1(x * 2 - 1)
-        h2 = self.stage2(h1)
-        h3 = self.stage3(h2)
-        e = F.relu(self.embed(F.adaptive_avg_pool2d(h3, 2).flatten(1)))
-        return [h1.mean((2, 3)), h2.mean((2, 3)), e]
-
-    def forward(self, x):
-        e = self.trunk(x)[-1]
-        return self.cls_head(e), self.rot_head(e)
-
-    def raw_features(self, x):
-        return torch.cat([g / s for g, s in zip(self.trunk(x), self.group_scale)], dim=1)
-
-    @torch.no_grad()
-    def features(self, images, batch=256):
-        dev = self.group_scale.device
-        return torch.cat([self.raw_features(_to_float(b.to(dev))).float().cpu() for b in images.split(batch)])
-
-    @torch.no_grad()
-    def predict(self, images, families, batch=256):
-        """Most likely family among `families` (the head also has logits for absent ones)."""
-        dev = self.group_scale.device
-        fam = torch.as_tensor(sorted(set(int(f) for f in families)), device=dev)
-        out = [fam[self(_to_float(b.to(dev)))[0][:, fam].argmax(1)].cpu() for b in images.split(batch)]
-        return torch.cat(out)
-
-
-ENCODER_STEPS = 300
-ENCODER_BATCH = 64
-ENCODER_LR = 2e-3
-
-
-def train_scratch_encoder(images, labels, seed=0, device="cpu", steps=None, batch=None):
-    steps, batch = steps or ENCODER_STEPS, batch or ENCODER_BATCH
-    num_classes = int(labels.max()) + 1 if len(labels) else 1
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ScratchEncoder(num_classes)
-    model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=ENCODER_LR)
-    gen = torch.Generator().manual_seed(seed)
-    multi_class = len(torch.unique(labels)) > 1
-    for _ in range(steps):
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        rot = torch.randint(0, 4, (batch,), generator=gen)
-        flip = torch.rand(batch, generator=gen) < 0.5
-        x = _to_float(images[idx])
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        for r in range(1, 4):
-            x[rot == r] = torch.rot90(x[rot == r], r, dims=(2, 3))
-        x = x.to(device)
-        cls_logits, rot_logits = model(x)
-        loss = F.cross_entropy(rot_logits, rot.to(device))
-        if multi_class:
-            loss = loss + F.cross_entropy(cls_logits, labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        sub = images[torch.randperm(len(images), generator=gen)[:1024]]
-        groups = [torch.cat(g) for g in zip(*[model.trunk(_to_float(b.to(device))) for b in sub.split(256)])]
-        scale = torch.stack([(g - g.mean(0)).pow(2).sum(1).mean().sqrt().clamp(min=1e-6) for g in groups])
-        model.group_scale.copy_(scale)
-    return model
-
-
-_ENCODERS = {}
-
-
-def _dataset_key(images, labels, seed):
-    h = hashlib.sha1()
-    h.update(repr((tuple(images.shape), ENCODER_STEPS, ENCODER_BATCH, ENCODER_LR, seed, "bn-w16-v1")).encode())
-    h.update(images.contiguous().numpy().tobytes())
-    h.update(labels.to(torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-def get_scratch_encoder(images, labels, cache_dir=None, seed=0, device="cpu"):
-    """The scratch encoder for this training set: trained once per process and,
-    with cache_dir, once per directory (scratchenc-<hash of the data>.pt)."""
-    key = _dataset_key(images, labels, seed)
-    if key in _ENCODERS:
-        return _ENCODERS[key].to(device)
-    path = os.path.join(cache_dir, f"scratchenc-{key}.pt") if cache_dir else None
-    if path and os.path.exists(path):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        model = ScratchEncoder(blob["num_classes"])
-        model.load_state_dict(blob["state"])
-        model.eval()
-    else:
-        model = train_scratch_encoder(images, labels, seed=seed, device=device).cpu()
-        if path:
-            os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".scratchenc-")
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"num_classes": model.cls_head.out_features, "state": model.state_dict()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    _ENCODERS[key] = model
-    return model.to(device)
-
-
-# ---------------------------------------------------------------------------
 
 class Evaluator:
-    """Scores generated samples against the held-out real images (distribution
-    metrics) and the training images (memorization). Real-side statistics are
-    computed once; calling it on samples is cheap. `seed` fixes the encoder and
-    the SWD projections; trainers leave it at 0 so that every arm and replicate
-    of a study is measured with the same encoder."""
+    """Scores samples: distribution metrics against `real_images` (the judge's held-out split) on the
+    judge's features, memorization against the arm's `train_images` with the threshold set by the
+    arm's `heldout_images`. Real-side statistics are computed once; a call on samples is cheap.
+    `seed` fixes the SWD patches and projections; trainers leave it at 0."""
 
-    def __init__(self, train_images, train_labels, heldout_images, heldout_labels=None,
-                 cache_dir=None, seed=0, device="cpu"):
-        self.seed = seed
-        self.real = heldout_images
-        self.families = sorted(set(train_labels.tolist()))
-        self.encoder = get_scratch_encoder(train_images, train_labels, cache_dir, seed, device)
-        self.real_feat = self.encoder.features(heldout_images)
-        self.device = device
+    def __init__(self, judge, real_images, train_images, heldout_images, seed=0, device="cpu"):
+        self.judge, self.seed, self.device = judge, seed, device
+        self.real = real_images
+        self.real_feat = judge.encoder.features(real_images)
+        self.real_div = mean_pairwise_distance(_pixels(real_images).to(device))
         self.train_px = _pixels(train_images).to(device)
-        self.real_px = _pixels(heldout_images).to(device)
-        self.real_nn = nn_distance(self.real_px, self.train_px).median().item()
-        self.real_div = mean_pairwise_distance(self.real_px)
-        self.encoder_acc = None
-        if heldout_labels is not None and len(self.families) > 1:
-            pred = self.encoder.predict(heldout_images, self.families)
-            self.encoder_acc = (pred == heldout_labels).float().mean().item()
+        self.memo_threshold = memorization_threshold(_pixels(heldout_images).to(device), self.train_px)
+        self._warned = False
 
     def __call__(self, samples):
-        feat = self.encoder.features(samples)
+        feat = self.judge.encoder.features(samples)
         px = _pixels(samples).to(self.device)
         out = {"swd": swd(self.real, samples, seed=self.seed),
-               "fid_scratchenc": frechet_distance(self.real_feat, feat)}
+               "fid_scratchenc": frechet_distance(self.real_feat, feat),
+               "kid_scratchenc": 1e3 * kid(self.real_feat, feat)}
+        if math.isnan(out["fid_scratchenc"]) and not self._warned:
+            self._warned = True
+            print(f"warning: fid_scratchenc is nan: {len(feat)} samples and {len(self.real_feat)} real images "
+                  f"for {feat.shape[1]} feature dims (FID needs more of both); read kid_scratchenc",
+                  file=sys.stderr, flush=True)
         out.update({f"{k}_scratchenc": v for k, v in prdc(self.real_feat, feat).items()})
-        # 1: as diverse as the data; 0: a collapsed generator
-        out["diversity"] = mean_pairwise_distance(px) / self.real_div if self.real_div > 0 else float("nan")
-        sample_nn = nn_distance(px, self.train_px).median().item()
-        out["memorization_nn_ratio"] = sample_nn / self.real_nn if self.real_nn > 0 else float("nan")
-        out.update(mode_histogram_metrics(self.encoder.predict(samples, self.families), self.families))
-        if self.encoder_acc is not None:
-            out["scratchenc_acc"] = self.encoder_acc
+        out["diversity_gap"] = diversity_gap(px, self.real_div)
+        out["memorized_fraction"] = memorized_fraction(px, self.train_px, self.memo_threshold)
+        out.update(mode_histogram_metrics(self.judge.encoder.predict(samples, self.judge.families),
+                                          self.judge.families))
+        if len(self.judge.families) > 1:
+            out["scratchenc_acc"] = self.judge.heldout_acc  # the judge's family accuracy on held-out images
         return out
+
+
+def build_evaluator(cfg, run, train_u8, heldout_u8) -> Evaluator:
+    """The one way a trainer gets its Evaluator. `cfg` is a judge.JudgedConfig; the judge comes from
+    cfg.judge_dir, else it is trained into OUT/upstream/judge on the trainer's own data (cfg.data)."""
+    judge_cfg = cfg.judge if cfg.judge_dir is not None else cfg.judge.model_copy(update={"data": cfg.data})
+    folder = run.upstream("judge", judge_cfg, cfg.judge_dir, judge_mod.train)
+    judge = judge_mod.Judge(folder, run.device)
+    real = load_split(judge.data, "heldout")[0]
+    if real.shape[1:] != heldout_u8.shape[1:]:
+        raise BadConfig(f"judge_dir: the judge's held-out images are {tuple(real.shape[1:])}, "
+                                  f"this run's are {tuple(heldout_u8.shape[1:])} (judge.data.resolution differs)")
+    return Evaluator(judge, real, train_u8, heldout_u8, device=run.device)

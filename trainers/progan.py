@@ -4,7 +4,8 @@ data.resolution: each new level first fades in (its output is blended with the u
 the previous level, and the real images with their down-then-up-sampled versions, with weight
 alpha rising 0 -> 1), then trains stable. Equalized learning rate (weights ~ N(0, 1) scaled at run
 time by He's constant), pixel norm in the generator, minibatch standard deviation in the
-discriminator's last block, WGAN-GP loss (lambda 10, drift 0.001) or the non-saturating loss,
+discriminator's last block, WGAN-GP loss (lambda 10, drift 0.001) or the non-saturating loss
+(optionally with the R1 penalty on real images of Mescheder et al. 2018, as in StyleGAN),
 Adam(1e-3, betas (0, 0.99)) re-created whenever a level is added, an EMA of the generator for
 samples. `progressive: false` trains the final resolution from the start (the ablation baseline).
 
@@ -12,7 +13,8 @@ samples. `progressive: false` trains the final resolution from the start (the ab
 
 metrics.jsonl: `loss` is the discriminator's loss (loss_d); loss_g, resolution, alpha and, every
 eval_every steps and at step 0, the sample metrics of trainers/metrics.py on EMA samples
-(upsampled to data.resolution while the networks are still small).
+(upsampled to data.resolution while the networks are still small); also at the `eval_average`
+steps whose evaluations summary.json averages (eval_steps_averaged).
 """
 
 import copy
@@ -26,14 +28,15 @@ import torch.nn.functional as F
 from pydantic import model_validator
 
 from trainers import metrics
-from trainers.common import Run, TrainerConfig, main, seed_everything
+from trainers.common import Run, average_evaluations, averaged_eval_steps, main, seed_everything
 from trainers.data import load_split, to_float, to_uint8
+from trainers.judge import JUDGE_UPSTREAM, JudgedConfig
 
 # -----------------------------------------------------------------------------
 # config
 
 
-class Config(TrainerConfig):
+class Config(JudgedConfig):
     steps: int = 900
     batch_size: int = 32
     lr: float = 1e-3
@@ -47,6 +50,7 @@ class Config(TrainerConfig):
     steps_per_level: int | list[int] | None = None
     fade_fraction: float = 0.5      # share of a new level's steps spent fading it in
     loss: Literal["wgan_gp", "nonsaturating"] = "wgan_gp"
+    r1_gamma: float = 0.0           # nonsaturating only: + gamma/2 * E||grad_x D(x_real)||^2; 0 = off
     gp_lambda: float = 10.0
     drift: float = 0.001            # epsilon_drift * D(real)^2 keeps WGAN critic outputs near 0
     latent_dim: int = 64
@@ -54,7 +58,11 @@ class Config(TrainerConfig):
     d_width: int = 32
     mbstd_group: int = 4
     ema_beta: float = 0.99
-    eval_samples: int = 256
+    # summary metrics = the mean of eval_average evaluations, eval_average_every steps apart (0 = steps // 20)
+    # and ending at `steps`, so an oscillating GAN is not judged on one draw; they come on top of the
+    # curve's evaluations every eval_every steps (all with eval_samples samples)
+    eval_average: int = 3
+    eval_average_every: int = 0
 
     @model_validator(mode="after")
     def _check(self):
@@ -65,6 +73,12 @@ class Config(TrainerConfig):
             raise ValueError("fade_fraction must be in [0, 1] and ema_beta in [0, 1)")
         if min(self.g_width, self.d_width, self.latent_dim, self.mbstd_group) < 1:
             raise ValueError("g_width, d_width, latent_dim, mbstd_group must be >= 1")
+        if self.eval_average < 1 or self.eval_average_every < 0:
+            raise ValueError(f"need eval_average >= 1 and eval_average_every >= 0, got {self.eval_average} "
+                             f"and {self.eval_average_every}")
+        if self.r1_gamma < 0 or (self.r1_gamma > 0 and self.loss != "nonsaturating"):
+            raise ValueError(f"r1_gamma must be >= 0 and needs loss 'nonsaturating' (got {self.r1_gamma} "
+                             f"with loss {self.loss!r})")
         spl = self.steps_per_level
         if isinstance(spl, list) and len(spl) != num_levels(R) - 1:
             raise ValueError(f"steps_per_level needs {num_levels(R) - 1} entries (levels before "
@@ -78,7 +92,9 @@ class Config(TrainerConfig):
 
 
 METRICS = {"loss_d": "min", "loss_g": "min", **metrics.DIRECTIONS}
-UPSTREAM: dict = {}
+UPSTREAM = {"judge": JUDGE_UPSTREAM}
+SEED_RANDOMISES = ["model initialisation", "batch order, latents and gradient-penalty mixing",
+                   "evaluation latents", "data draw (data.draw)"]
 
 
 def num_levels(resolution: int) -> int:
@@ -234,11 +250,19 @@ def generate(G, z, level, alpha, resolution, run, batch=256):
 
 
 def d_loss(cfg, d_fwd, D, real, fake, level, alpha, gen, run):
-    """d_fwd: D, possibly compiled; the gradient penalty needs double backward, so it uses plain D."""
+    """d_fwd: D, possibly compiled; the gradient penalties need double backward, so they use plain D."""
+    r1 = cfg.loss == "nonsaturating" and cfg.r1_gamma > 0
+    if r1:
+        real = real.detach().requires_grad_(True)
     with run.autocast():
-        d_real, d_fake = d_fwd(real, level, alpha).float(), d_fwd(fake, level, alpha).float()
+        d_real, d_fake = (D if r1 else d_fwd)(real, level, alpha).float(), d_fwd(fake, level, alpha).float()
     if cfg.loss == "nonsaturating":
-        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean(), {}
+        loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        if not r1:
+            return loss, {}
+        grad, = torch.autograd.grad(d_real.sum(), real, create_graph=True)
+        penalty = grad.flatten(1).pow(2).sum(1).mean()
+        return loss + 0.5 * cfg.r1_gamma * penalty, {"penalty": penalty.detach()}
     eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen).to(real.device)
     x_hat = torch.lerp(real, fake, eps).requires_grad_(True)
     with run.autocast():
@@ -247,7 +271,7 @@ def d_loss(cfg, d_fwd, D, real, fake, level, alpha, gen, run):
     gp = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
     wdist = d_real.mean() - d_fake.mean()
     loss = -wdist + cfg.gp_lambda * gp + cfg.drift * d_real.pow(2).mean()
-    return loss, {"wdist": wdist.detach(), "gp": gp.detach()}
+    return loss, {"wdist": wdist.detach(), "penalty": gp.detach()}
 
 
 def train(cfg: Config, run: Run):
@@ -257,8 +281,7 @@ def train(cfg: Config, run: Run):
     x_u8, y_train = load_split(cfg.data, "train")
     held_u8, y_held = load_split(cfg.data, "heldout")
     x_train = to_float(x_u8).to(dev)
-    evaluator = metrics.Evaluator(x_u8, y_train, held_u8, y_held,
-                                  cache_dir=cfg.data.cache_dir or str(run.out), device=dev)
+    evaluator = metrics.build_evaluator(cfg, run, x_u8, held_u8)
 
     seed_everything(cfg.seed)
     G = Generator(cfg.latent_dim, cfg.g_width, L).to(dev)
@@ -273,18 +296,20 @@ def train(cfg: Config, run: Run):
     gen = torch.Generator().manual_seed(cfg.seed)   # batch order, latents, GP interpolation
     z_eval = torch.randn(cfg.eval_samples, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(dev)
     step, last_log = 0, {}
-    acc = torch.zeros(5, device=dev)  # sums of loss_d, loss_g, wdist, gp and a count since the last log
+    acc = torch.zeros(5, device=dev)  # sums of loss_d, loss_g, wdist, gp or r1 and a count since the last log
+    window = averaged_eval_steps(cfg)
+    recent: list[dict] = []           # the evaluations at the steps in `window` so far
 
     state = run.resume()
     if state is not None:
         for m, k in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_g, "opt_g"), (opt_d, "opt_d")):
             m.load_state_dict(state[k])
         gen.set_state(state["gen"])
-        step, acc, last_log = state["step"], state["acc"].to(dev), state["last_log"]
+        step, acc, last_log, recent = state["step"], state["acc"].to(dev), state["last_log"], state["recent"]
 
     def snapshot():
         return {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(), "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(), "gen": gen.get_state(), "acc": acc, "last_log": last_log}
+                "opt_d": opt_d.state_dict(), "gen": gen.get_state(), "acc": acc, "last_log": last_log, "recent": recent}
 
     def evaluate(at_step):
         level, alpha = phase(cfg, at_step)
@@ -295,7 +320,7 @@ def train(cfg: Config, run: Run):
         run.log(0, resolution=4 * 2 ** phase(cfg, 0)[0], **evaluate(0)[0])
     g_fwd, d_fwd = run.maybe_compile(G), run.maybe_compile(D)
     current_level = phase(cfg, max(step - 1, 0))[0]  # the level of the last step taken
-    last_eval, last_eval_step = None, -1
+    last_samples = None
     while step < cfg.steps:
         level, alpha = phase(cfg, step)
         if level != current_level:
@@ -325,21 +350,25 @@ def train(cfg: Config, run: Run):
         with torch.no_grad():
             torch._foreach_lerp_(list(G_ema.parameters()), list(G.parameters()), 1 - beta)
         zero = torch.zeros((), device=dev)
-        acc += torch.stack([loss_d.detach(), loss_g.detach(), extra.get("wdist", zero), extra.get("gp", zero),
+        acc += torch.stack([loss_d.detach(), loss_g.detach(), extra.get("wdist", zero), extra.get("penalty", zero),
                             torch.ones((), device=dev)])
 
         row = {}
         if step % cfg.log_every == 0 or step == cfg.steps:
-            ld, lg, wd, gp = (acc[:4] / acc[4]).tolist()
+            ld, lg, wd, penalty = (acc[:4] / acc[4]).tolist()
             run.check_finite(step, loss_d=ld, loss_g=lg)
             last_log = {"loss_d": ld, "loss_g": lg}
             row.update(loss=ld, **last_log, resolution=4 * 2 ** level, alpha=alpha)
             if cfg.loss == "wgan_gp":
-                row.update(wdist=wd, gp=gp)
+                row.update(wdist=wd, gp=penalty)
+            elif cfg.r1_gamma:
+                row.update(r1=penalty)
             acc = torch.zeros(5, device=dev)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            last_eval, last_eval_step = evaluate(step - 1), step
-            row.update(last_eval[0])
+        if step % cfg.eval_every == 0 or step in window:
+            scores, last_samples = evaluate(step - 1)
+            if step in window:
+                recent.append({"step": step, **scores})
+            row.update(scores)
         if row:
             run.log(step, **row)
         if cfg.sample_every and step % cfg.sample_every == 0:
@@ -349,10 +378,11 @@ def train(cfg: Config, run: Run):
         if run.stop_requested:
             run.stop(step, snapshot())
 
-    if last_eval_step != step:  # resumed from the final checkpoint
-        last_eval = evaluate(step - 1)
-    final, samples = last_eval
-    run.save_grid("samples", samples[:64])
+    if last_samples is None:  # resumed from the final checkpoint (its evaluation is in `recent`), or steps 0
+        scores, last_samples = evaluate(max(step - 1, 0))
+        recent = recent or [{"step": step, **scores}]
+    final = average_evaluations(recent)
+    run.save_grid("samples", last_samples[:64])
     run.save_artifact({"kind": "progan", "config": cfg.model_dump(), "step": step,
                        "state_dict": {k: v.detach().cpu() for k, v in G_ema.state_dict().items()}})
     run.write_summary({"steps": step, "loss": last_log.get("loss_d"), **last_log, **final, "diverged": False})

@@ -4,9 +4,17 @@ Gaussian decoder of fixed standard deviation `recon_sigma` (pixels in [-1, 1]) a
 (Higgins et al. 2017): loss = (||x - x_hat||^2 / (2 sigma^2) + beta * KL(q(z|x) || N(0, I))) / D,
 with D the number of pixel values. beta = 1 is the ELBO.
 
-`beta_mode: adaptive` starts from `beta` and, once per epoch, moves beta towards the ratio of the
-normalised gradients of the two terms with respect to the encoder output h = (mu, log var):
-beta_new = ||d log recon / d h|| / ||d log KL / d h||, smoothed geometrically and clipped.
+`beta_mode: geco` sets beta with GECO (Rezende & Viola 2018, "Taming VAEs"): minimise KL subject to
+the reconstruction constraint C = E[(x - x_hat)^2] - geco_tolerance <= 0 (mean over pixel values),
+with a Lagrange multiplier lambda updated every step from a moving average of the batch constraint,
+C_ma <- geco_alpha C_ma + (1 - geco_alpha) C, lambda <- lambda exp(geco_rate C_ma / geco_tolerance)
+(the step in units of the tolerance). Training minimises recon + beta KL with beta = 1 / lambda, the
+same minimiser as KL + lambda recon (Adam does not see the overall scale); beta is clipped to BETA_RANGE.
+
+Evaluation on the held-out images: recon_mse decodes the posterior mean; nelbo is the negative ELBO
+with beta = 1 in nats per pixel value under the stated likelihood p(x|z) = N(x_hat, recon_sigma^2)
+on pixels scaled to [-1, 1] (a continuous density, so it can be negative), estimated with one
+posterior sample per image: an upper bound on -log p(x) / D whatever beta the model was trained with.
 
 The artifact is usable as an upstream autoencoder (latent diffusion): `load_autoencoder(dir)`.
 
@@ -22,14 +30,15 @@ import torch.nn as nn
 from pydantic import model_validator
 
 from trainers import metrics
-from trainers.common import BadConfig, Run, TrainerConfig, load_artifact, main, seed_everything
+from trainers.common import BadConfig, Run, load_artifact, main, seed_everything
 from trainers.data import load_split, to_float, to_uint8
+from trainers.judge import JUDGE_UPSTREAM, JudgedConfig
 
 # -----------------------------------------------------------------------------
 # config
 
 
-class Config(TrainerConfig):
+class Config(JudgedConfig):
     steps: int = 600
     batch_size: int = 64
     lr: float = 1e-3
@@ -41,24 +50,28 @@ class Config(TrainerConfig):
     downsample: int = 4             # f: the latent is R/f x R/f
     latent_channels: int = 4
     recon_sigma: float = 0.1        # decoder standard deviation, in [-1, 1] pixel units
-    beta_mode: Literal["fixed", "adaptive"] = "fixed"
-    beta: float = 1.0               # the KL weight (adaptive: its initial value)
-    beta_every: int = 0             # adaptive: steps between updates; 0 = one epoch of the training set
-    beta_smoothing: float = 0.5     # adaptive: beta <- beta^(1-s) * beta_new^s
-    eval_samples: int = 256
+    beta_mode: Literal["fixed", "geco"] = "fixed"
+    beta: float = 1.0               # the KL weight (geco: its initial value, 1 / lambda)
+    geco_tolerance: float = 0.04    # geco: the reconstruction MSE to meet ([-1, 1] pixels; 0.04 ~ 26/255 RMS)
+    geco_alpha: float = 0.99        # geco: moving-average coefficient of the constraint
+    geco_rate: float = 0.002        # geco: log lambda moves by geco_rate * C_ma / geco_tolerance per step
 
     @model_validator(mode="after")
     def _check(self):
         f = self.downsample
         if f < 1 or f & (f - 1) or self.data.resolution % f:
             raise ValueError(f"downsample must be a power of two dividing data.resolution, got {f}")
-        if self.beta <= 0 or self.recon_sigma <= 0 or self.beta_every < 0 or not 0 < self.beta_smoothing <= 1:
-            raise ValueError("need beta > 0, recon_sigma > 0, beta_every >= 0, beta_smoothing in (0, 1]")
+        if self.beta <= 0 or self.recon_sigma <= 0 or self.geco_tolerance <= 0 or self.geco_rate < 0:
+            raise ValueError("need beta > 0, recon_sigma > 0, geco_tolerance > 0, geco_rate >= 0")
+        if not 0 <= self.geco_alpha < 1:
+            raise ValueError(f"geco_alpha must be in [0, 1), got {self.geco_alpha}")
         return self
 
 
 METRICS = {"recon_mse": "min", "kl": "min", "nelbo": "min", **metrics.DIRECTIONS}
-UPSTREAM: dict = {}
+UPSTREAM = {"judge": JUDGE_UPSTREAM}
+SEED_RANDOMISES = ["model initialisation", "batch order and reparameterisation noise",
+                   "prior samples and posterior samples at evaluation", "data draw (data.draw)"]
 BETA_RANGE = (1e-4, 1e4)
 
 # -----------------------------------------------------------------------------
@@ -135,31 +148,34 @@ def losses(encoder, decoder, x, eps, sigma, run):
     with run.autocast():
         x_hat = decoder(z).float()
     recon = (x_hat - x).pow(2).flatten(1).sum(1) / (2 * sigma ** 2)
-    return recon.mean(), kl_per_image(mu, logvar).mean(), h
+    return recon.mean(), kl_per_image(mu, logvar).mean()
 
 
-def adaptive_beta(encoder, decoder, x, eps, cfg, run):
-    """The ratio of the normalised gradients ||d log recon / d h|| / ||d log KL / d h|| with h the
-    encoder output (mu and log var): each term's gradient divided by the term itself, so the balance
-    does not depend on the terms' units, and a KL near zero (collapse) has a large normalised
-    gradient and pulls beta down instead of up."""
-    recon, kl, h = losses(encoder, decoder, x, eps, cfg.recon_sigma, run)
-    g_rec, = torch.autograd.grad(recon, h, retain_graph=True)
-    g_kl, = torch.autograd.grad(kl, h)
-    rec_n = g_rec.float().norm() / recon.clamp(min=1e-12)
-    kl_n = g_kl.float().norm() / kl.clamp(min=1e-12)
-    return (rec_n / kl_n.clamp(min=1e-12)).item()
+def geco_update(beta, c_ma, mse, cfg):
+    """One GECO step: (beta, C_ma) after a batch whose reconstruction MSE per pixel value was `mse`."""
+    c = mse - cfg.geco_tolerance
+    c_ma = c if c_ma is None else cfg.geco_alpha * c_ma + (1 - cfg.geco_alpha) * c
+    beta = beta * math.exp(-cfg.geco_rate * c_ma / cfg.geco_tolerance)  # beta = 1 / lambda
+    return min(max(beta, BETA_RANGE[0]), BETA_RANGE[1]), c_ma
+
+
+def gaussian_nll_const(cfg, d):
+    """The normaliser of N(x_hat, sigma^2) over d pixel values: d log(sigma sqrt(2 pi))."""
+    return d * math.log(cfg.recon_sigma * math.sqrt(2 * math.pi))
 
 
 @torch.no_grad()
 def evaluate(model, x_held, z_eval, evaluator, cfg, run, batch=256):
     model.eval()
-    se = kl = 0.0
+    se = se_sampled = kl = 0.0
+    g = torch.Generator().manual_seed(cfg.seed + 2)  # the same posterior noise at every evaluation
     for xb in x_held.split(batch):
         with run.autocast():
             mu, logvar = model.encode(xb)
-            x_hat = model.decode(mu).float()
+            z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=g).to(mu.device)
+            x_hat, x_sampled = model.decode(mu).float(), model.decode(z).float()
         se += (x_hat - xb).pow(2).sum().item()
+        se_sampled += (x_sampled - xb).pow(2).sum().item()
         kl += kl_per_image(mu, logvar).sum().item()
     samples = []
     for zb in z_eval.split(batch):
@@ -168,7 +184,8 @@ def evaluate(model, x_held, z_eval, evaluator, cfg, run, batch=256):
     model.train()
     samples = torch.cat(samples)
     n, d = x_held.shape[0], x_held[0].numel()
-    out = {"recon_mse": se / (n * d), "kl": kl / n, "nelbo": (se / (2 * cfg.recon_sigma ** 2) + kl) / (n * d)}
+    nelbo = (se_sampled / (2 * cfg.recon_sigma ** 2) + n * gaussian_nll_const(cfg, d) + kl) / (n * d)
+    out = {"recon_mse": se / (n * d), "kl": kl / n, "nelbo": nelbo}
     out.update(evaluator(samples))
     return out, samples
 
@@ -192,9 +209,7 @@ def train(cfg: Config, run: Run):
     x_u8, y_train = load_split(cfg.data, "train")
     held_u8, y_held = load_split(cfg.data, "heldout")
     x_train, x_held = to_float(x_u8).to(dev), to_float(held_u8).to(dev)
-    evaluator = metrics.Evaluator(x_u8, y_train, held_u8, y_held,
-                                  cache_dir=cfg.data.cache_dir or str(run.out), device=dev)
-    beta_every = cfg.beta_every or math.ceil(x_train.shape[0] / cfg.batch_size)
+    evaluator = metrics.build_evaluator(cfg, run, x_u8, held_u8)
 
     seed_everything(cfg.seed)
     model = VAE(cfg.width, f, cfg.latent_channels).to(dev)
@@ -202,7 +217,7 @@ def train(cfg: Config, run: Run):
     gen = torch.Generator().manual_seed(cfg.seed)   # batch order and reparameterisation noise
     latent = (cfg.latent_channels, R // f, R // f)
     z_eval = torch.randn(cfg.eval_samples, *latent, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(dev)
-    step, beta, last_log = 0, cfg.beta, {}
+    step, beta, c_ma, last_log = 0, cfg.beta, None, {}
     acc = torch.zeros(4, device=dev)  # sums of loss, recon, kl and a count since the last log
 
     state = run.resume()
@@ -210,11 +225,12 @@ def train(cfg: Config, run: Run):
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"])
-        step, beta, acc, last_log = state["step"], state["beta"], state["acc"].to(dev), state["last_log"]
+        step, beta, c_ma, acc, last_log = (state["step"], state["beta"], state["c_ma"], state["acc"].to(dev),
+                                           state["last_log"])
 
     def snapshot():
         return {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "beta": beta,
-                "acc": acc, "last_log": last_log}
+                "c_ma": c_ma, "acc": acc, "last_log": last_log}
 
     if step == 0:
         run.log(0, beta=beta, **evaluate(model, x_held, z_eval, evaluator, cfg, run)[0])
@@ -225,15 +241,13 @@ def train(cfg: Config, run: Run):
         idx = torch.randint(x_train.shape[0], (cfg.batch_size,), generator=gen).to(dev)
         eps = torch.randn(cfg.batch_size, *latent, generator=gen).to(dev)
         x = x_train[idx]
-        if cfg.beta_mode == "adaptive" and step % beta_every == 0 and step > 0:
-            target = adaptive_beta(encoder, decoder, x, eps, cfg, run)
-            s = cfg.beta_smoothing
-            beta = min(max(beta ** (1 - s) * target ** s, BETA_RANGE[0]), BETA_RANGE[1])
-        recon, kl, _ = losses(encoder, decoder, x, eps, cfg.recon_sigma, run)
+        recon, kl = losses(encoder, decoder, x, eps, cfg.recon_sigma, run)
         loss = (recon + beta * kl) / D
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cfg.beta_mode == "geco":
+            beta, c_ma = geco_update(beta, c_ma, recon.item() * 2 * cfg.recon_sigma ** 2 / D, cfg)
         step += 1
         acc += torch.stack([loss.detach(), recon.detach() / D, kl.detach(), torch.ones((), device=dev)])
 
@@ -243,6 +257,8 @@ def train(cfg: Config, run: Run):
             run.check_finite(step, loss=lo)
             last_log = {"loss": lo}
             row.update(loss=lo, recon_loss=rc, kl_train=k, beta=beta)
+            if c_ma is not None:
+                row.update(geco_constraint=c_ma)
             acc = torch.zeros(4, device=dev)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             last_eval, last_eval_step = evaluate(model, x_held, z_eval, evaluator, cfg, run), step

@@ -71,6 +71,8 @@ class Config(TrainerConfig):
 
 METRICS = {"recon_mse": "min", "codebook_usage": "max", "perplexity": "max", "top4_mass": "min", "dead_codes": "min"}
 UPSTREAM: dict = {}
+SEED_RANDOMISES = ["model initialisation (codebook included)", "batch order", "dead-code resets",
+                   "data draw (data.draw)"]
 
 # -----------------------------------------------------------------------------
 # model

@@ -40,7 +40,7 @@ def images_per_second(trainer: str, steps: int, extra: dict, device: str, work: 
     if trainer in ("dcgan", "progan", "vae", "diffusion", "latent_diffusion"):
         config["eval_samples"] = 32
     if trainer == "maskgit":
-        config.update(num_samples=8, num_inpaint=8)
+        config.update(eval_samples=8, num_inpaint=8)
     out = work / f"{trainer}-{json.dumps(extra, sort_keys=True)}"
     (work / "config.json").write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
