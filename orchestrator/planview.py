@@ -7,7 +7,7 @@ from rich.table import Table
 
 from orchestrator.cost.estimate import Estimate, estimate_study, local_dollars_per_hour, record_estimate
 from orchestrator.ledger import Ledger
-from orchestrator.spec import Plan, flatten
+from orchestrator.spec import Plan, PlannedUpstream, flatten
 
 
 def arm_changes(plan: Plan) -> dict[str, str]:
@@ -32,17 +32,45 @@ def _lookup(config: dict, dotted: str):
     return node
 
 
-def estimate(plan: Plan, gpus: float) -> Estimate | None:
+def estimate(plan: Plan, gpus: float, n_arm_runs: int | None = None) -> Estimate | None:
+    """The cost of the planned arm runs (or of `n_arm_runs`, e.g. an adaptive study at its maximum)."""
     study = plan.study
     hours = study.budget.expected_hours_per_arm
+    n_arm_runs = len(plan.arm_runs) if n_arm_runs is None else n_arm_runs
     if hours is None:
         return None
     if study.backend == "vast":
         price = study.vast.get("max_dollars_per_hour")
         if price is None:
             return None
-        return estimate_study(len(plan.arm_runs), hours, float(price), gpus)
-    return estimate_study(len(plan.arm_runs), hours, local_dollars_per_hour(gpus), gpus)
+        return estimate_study(n_arm_runs, hours, float(price), gpus)
+    return estimate_study(n_arm_runs, hours, local_dollars_per_hour(gpus), gpus)
+
+
+def _needs(upstreams: dict[str, PlannedUpstream], up: PlannedUpstream) -> bool:
+    """Does a run with these upstream runs need `up`, directly or through another upstream run?"""
+    return any(u is up or _needs(u.upstream, up) for u in upstreams.values())
+
+
+def seed_lines(plan: Plan) -> list[str]:
+    """What a replicate varies, and the upstream runs of each seed with the arms that share them."""
+    study = plan.study
+    lines = ["each seed k trains every arm and every upstream run it needs with seed=k and data.draw=k "
+             "(paired: seed k of every arm shares them)"]
+    trainers = {info.name: info for info in [plan.trainer, *plan.trainers.values()]}
+    for info in trainers.values():
+        if info.seed_randomises:
+            owner = f" ({info.name})" if len(trainers) > 1 else ""
+            lines.append(f"each seed randomises{owner}: {', '.join(info.seed_randomises)}")
+    for seed in sorted({up.seed for up in plan.upstreams}):
+        for up in (u for u in plan.upstreams if u.seed == seed):
+            users = sorted({r.arm for r in plan.arm_runs if _needs(r.upstream, up)})
+            lines.append(f"seed {seed}: upstream {up.name}: one {up.trainer} run shared by {', '.join(users)}")
+    if study.adaptive:
+        lines.append(f"seeds: {study.seeds.min}, up to {study.seeds.max} where the verdict is open "
+                     f"(one seed per round, for the open arms and the baseline; later seeds' upstream runs "
+                     f"are planned the same way)")
+    return lines
 
 
 def print_plan(plan: Plan, console: Console) -> None:
@@ -51,17 +79,19 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(f"[bold]{study.name}[/bold] ({plan.path}): trainer {study.trainer}, backend {study.backend}, "
                   f"{len(plan.arm_runs)} arm runs = {len(plan.arm_runs) // len(seeds)} arms x {len(seeds)} seeds "
                   f"{seeds}", soft_wrap=True)
+    cross_family = len({info.name for info in plan.trainers.values()}) > 1
     table = Table(show_header=True, header_style="bold")
-    for column in ("arm", "changes from base", "steps", "seeds"):
+    for column in ("arm",) + (("trainer",) if cross_family else ()) + ("changes from base", "steps", "seeds"):
         table.add_column(column)
     steps = {run.arm: run.config.get("steps") for run in plan.arm_runs}
+    n_seeds = f"{len(seeds)}-{study.max_seeds}" if study.adaptive else str(len(seeds))
     for arm, change in arm_changes(plan).items():
         marker = " (baseline)" if arm == study.baseline else ""
-        table.add_row(arm + marker, change, str(steps[arm]), str(len(seeds)))
+        trainer = (plan.trainers[arm].name,) if cross_family else ()
+        table.add_row(arm + marker, *trainer, change, str(steps[arm]), n_seeds)
     console.print(table)
-    for up in plan.upstreams:
-        users = sorted({r.arm for r in plan.arm_runs if any(u is up for u in r.upstream.values())})
-        console.print(f"upstream {up.name}: one {up.trainer} run shared by {', '.join(users)}")
+    for line in seed_lines(plan):
+        console.print(line, soft_wrap=True)
     res = study.resources
     memory = f", {res.gpu_memory_gb} GB GPU memory" if res.gpu_memory_gb else ""
     console.print(f"resources per arm run: {res.gpus:g} GPU, {res.cpus:g} CPU{memory} "
@@ -69,6 +99,9 @@ def print_plan(plan: Plan, console: Console) -> None:
     est = estimate(plan, res.gpus)
     if est is not None:
         console.print(f"cost estimate: {est.describe()}")
+        if study.adaptive:
+            most = estimate(plan, res.gpus, len(plan.arm_runs) // len(seeds) * study.max_seeds)
+            console.print(f"at most, with {study.max_seeds} seeds for every arm: {most.describe()}")
     if study.budget.max_dollars:
         console.print(f"budget: ${study.budget.max_dollars:.2f}")
 

@@ -6,6 +6,11 @@ thread of its own inside `backend.run_attempt`; its events come back through
 result through a queue. Every state change is committed to the ledger before
 it is acted on.
 
+With adaptive seeds (`seeds: {min, max}`), when every arm run has ended the
+scheduler adds one more seed to the arms whose verdict is still open
+(orchestrator/adaptive.py) and goes on; each decision is a `seeds.add` or
+`seeds.done` event in the ledger, with its reason.
+
 Stopping an attempt early always goes through its `stop` event with a reason:
   interrupt  Ctrl-C: the arm run goes back to pending; `armature resume` continues it
   cancel     `armature cancel`: the arm run ends cancelled
@@ -23,8 +28,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.adaptive import Round, next_round, over_budget, round_values
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Backend
 from orchestrator.ledger import FINAL_STATES, Ledger
+from orchestrator.runs import add_replicate
 from orchestrator.spec import Study
 from orchestrator.telemetry.gpu import GpuSample, LocalGpus, SmiGpus, host_memory_ratio
 from orchestrator.telemetry.watchdog import Watchdog, pause_requested
@@ -68,6 +75,7 @@ class Scheduler:
         self.interrupted = False
         self.cancelled = False
         self._last_watchdog = 0.0
+        self._seeds_settled = not study.adaptive          # adaptive seeds: no further round will be added
 
     # ---- the loop ---------------------------------------------------------------
 
@@ -93,7 +101,10 @@ class Scheduler:
                 self._fail_orphans_of_failed_upstreams(arm_runs)
                 self._launch_ready(arm_runs)
             unfinished = any(r["state"] not in FINAL_STATES for r in arm_runs)   # at worst a tick stale
-            if not self.running and (self.interrupted or self.cancelled or not unfinished):
+            stopping = self.interrupted or self.cancelled
+            if not self.running and not unfinished and not stopping and self._add_seed_round(arm_runs):
+                continue
+            if not self.running and (stopping or not unfinished):
                 break
             self._wake.wait(TICK_SECONDS)
             self._wake.clear()
@@ -113,6 +124,30 @@ class Scheduler:
             state = "finished" if states <= set(FINAL_STATES) else "interrupted"
         self.ledger.set_run_state(self.run_id, state)
         return state
+
+    def _add_seed_round(self, arm_runs: list[dict]) -> bool:
+        """Adaptive seeds, once every arm run has ended: one more seed for the arms whose verdict is open.
+        Returns whether arm runs were added."""
+        if self._seeds_settled:
+            return False
+        values, planned = round_values(arm_runs, self.study.metric.name)
+        step = next_round(values, planned, self.study.baseline, self.study.metric.mode, self.study.max_seeds)
+        if self.study.budget.max_dollars is not None:
+            from orchestrator.cost.model import current_spend
+            finished = sum(1 for r in arm_runs if r["kind"] == "arm")
+            why_not = over_budget(step, current_spend(self.ledger, self.run_id), finished,
+                                  self.study.budget.max_dollars)
+            step = Round(None, why_not) if why_not else step
+        if step.seed is None:
+            self._seeds_settled = True
+            self.ledger.event(self.run_id, "seeds.done", reason=step.reason)
+            return False
+        new_ids = add_replicate(self.ledger, self.run_id, self.run_dir, step.arms, step.seed)
+        self.ledger.event(self.run_id, "seeds.add", seed=step.seed, arms=step.arms, reason=step.reason)
+        if self.progress is not None:
+            for arm_run in map(self.ledger.arm_run, new_ids):
+                self.progress.add(arm_run["id"], arm_run["arm"], arm_run["seed"], arm_run["total_steps"])
+        return True
 
     def _stop_all(self, reason: str) -> None:
         for running in self.running.values():

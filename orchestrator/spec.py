@@ -8,12 +8,19 @@
       - name: small-codebook
         set: {tokenizer.codebook_size: 32}
     grid: {lr: [1e-3, 3e-4]}            # optional: every arm x every combination (as W&B grid sweeps)
-    seeds: 2                            # replicates: 2 means seeds 0 and 1; or a list [0, 7]
+    seeds: 2                            # replicates: 2 means seeds 0 and 1; or a list [0, 7];
+                                        # or {min: 3, max: 8}: more seeds only where a verdict is open
     metric: {name: heldout_masked_acc, mode: max}
     baseline: baseline
 
 Keys in `base` and `set` are dotted paths into the trainer's Config (nested
 maps work too) and are deep-merged: base, then the arm, then its grid point.
+An arm may name a `trainer` of its own (a cross-family study, e.g. DCGAN vs VAE).
+
+Replicates are paired and complete: seed k of every arm trains with seed=k and
+data.draw=k, and so does every upstream run it needs (a tokenizer, a VAE: one per
+distinct config and seed, shared by the arms that need it; the judge, an upstream
+of scope "study": one per seed, configured by the baseline, shared by every arm).
 This module knows nothing of Ray, SSH or Vast; `load_plan` turns a file into
 the list of arm runs to schedule, or raises SpecError naming file, field and line.
 """
@@ -54,6 +61,8 @@ class Arm(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="letters, digits and _ . = @ + -")
     description: str = ""
     set: dict[str, Any] = Field(default_factory=dict, description="dotted config keys and their values")
+    trainer: str | None = Field(None, description="a trainer module for this arm (cross-family studies); "
+                                                  "default: the study's trainer")
 
 
 class Resources(BaseModel):
@@ -95,8 +104,21 @@ class EarlyStop(BaseModel):
         return self
 
 
+class AdaptiveSeeds(BaseModel):
+    """Start every arm with `min` seeds; add one seed at a time where an arm's verdict is still open."""
+    model_config = ConfigDict(extra="forbid")
+    min: int = Field(ge=2, description="seeds every arm starts with (a verdict needs at least 2)")
+    max: int = Field(description="the most seeds any arm gets")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AdaptiveSeeds":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
+
+
 class Study(BaseModel):
-    """An ablation study: arms x seeds of one trainer."""
+    """An ablation study: arms x seeds of one trainer (or of one trainer per arm)."""
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
     trainer: str = Field(description="a module under trainers/, e.g. maskgit")
@@ -104,7 +126,8 @@ class Study(BaseModel):
     base: dict[str, Any] = Field(default_factory=dict, description="trainer config shared by every arm")
     arms: list[Arm] = Field(default_factory=list)
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted key -> values; cartesian product")
-    seeds: int | list[int] = Field(1, description="a count (0..n-1) or explicit seeds")
+    seeds: int | list[int] | AdaptiveSeeds = Field(
+        1, description="a count (0..n-1), explicit seeds, or {min, max}: min seeds, more where a verdict is open")
     metric: Metric
     baseline: str | None = Field(None, description="the arm the others are compared with")
     resources: Resources = Field(default_factory=Resources)
@@ -118,9 +141,22 @@ class Study(BaseModel):
                                  description="offer query and instance settings for backend vast "
                                              "(orchestrator/backends/vast/config.py)")
 
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _adaptive_seeds(cls, value: Any) -> Any:
+        """{min, max}: validated here so that a mistake reads as one message, not one per kind of `seeds`."""
+        if not isinstance(value, dict):
+            return value
+        try:
+            return AdaptiveSeeds.model_validate(value)
+        except ValidationError as exc:
+            problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+                        .lstrip(": ") for err in exc.errors()]
+            raise ValueError(f"{{min, max}}: {'; '.join(problems)}") from None
+
     @field_validator("seeds")
     @classmethod
-    def _seeds(cls, value: int | list[int]) -> int | list[int]:
+    def _seeds(cls, value: int | list[int] | AdaptiveSeeds) -> int | list[int] | AdaptiveSeeds:
         if isinstance(value, int) and value < 1:
             raise ValueError("at least one seed")
         if isinstance(value, list) and (not value or len(set(value)) != len(value)):
@@ -136,8 +172,19 @@ class Study(BaseModel):
         return value
 
     @property
+    def adaptive(self) -> bool:
+        return isinstance(self.seeds, AdaptiveSeeds)
+
+    @property
     def seed_list(self) -> list[int]:
+        """The seeds planned at the start (adaptive studies: the first `min`)."""
+        if isinstance(self.seeds, AdaptiveSeeds):
+            return list(range(self.seeds.min))
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def max_seeds(self) -> int:
+        return self.seeds.max if isinstance(self.seeds, AdaptiveSeeds) else len(self.seed_list)
 
 
 # ---- the plan -------------------------------------------------------------------
@@ -145,14 +192,19 @@ class Study(BaseModel):
 
 @dataclass
 class PlannedUpstream:
-    """A run of an upstream trainer (e.g. the VQ-VAE tokenizer) that arms share."""
+    """A run of an upstream trainer (e.g. the VQ-VAE tokenizer, the judge) that arm runs of one seed share."""
     trainer: str
     config: dict
     config_hash: str
+    upstream: dict[str, "PlannedUpstream"] = field(default_factory=dict)  # its own upstream runs (dir field ->)
 
     @property
     def name(self) -> str:
         return f"upstream-{self.trainer}-{self.config_hash[:8]}"
+
+    @property
+    def seed(self) -> int:
+        return self.config.get("seed", 0)
 
 
 @dataclass
@@ -162,16 +214,18 @@ class PlannedArmRun:
     config: dict                          # validated trainer config (seed included, upstream dirs not)
     config_hash: str
     upstream: dict[str, PlannedUpstream] = field(default_factory=dict)  # dir field -> upstream run
+    trainer: str = ""                     # the arm's trainer module
 
 
 @dataclass
 class Plan:
     path: Path
     study: Study
-    trainer: TrainerInfo
+    trainer: TrainerInfo                  # the study's trainer
     arm_runs: list[PlannedArmRun]
-    upstreams: list[PlannedUpstream]
+    upstreams: list[PlannedUpstream]      # an upstream run comes after the upstream runs it needs
     resolved: dict                        # the spec after --set, as written to runs/<id>/spec.yaml
+    trainers: dict[str, TrainerInfo] = field(default_factory=dict)   # arm -> its trainer
 
     def total_steps(self, config: dict) -> int | None:
         return config.get("steps")
@@ -296,18 +350,9 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
     except ValidationError as exc:
         raise SpecError(_format_validation(path, lines, exc)) from None
 
-    trainer = load_trainer(study.trainer, where=f"{path}:{line_of(lines, ('trainer',))}: trainer")
     where = _Where(path, lines)
-
-    if study.metric.name not in trainer.metrics:
-        raise SpecError(f"{where.at(('metric', 'name'))}: metric {study.metric.name!r} is not one of trainer "
-                        f"{trainer.name}'s metrics: {', '.join(sorted(trainer.metrics))}")
-    if study.metric.mode != trainer.metrics[study.metric.name]:
-        raise SpecError(f"{where.at(('metric', 'mode'))}: {study.metric.name} is better when "
-                        f"{trainer.metrics[study.metric.name]}imised; mode {study.metric.mode!r} would rank arms "
-                        f"backwards")
-    if "seed" in flatten(study.base) or "seed" in base_sets:
-        raise SpecError(f"{where.at(('base', 'seed'))}: set replicates with `seeds:`, not base.seed")
+    trainer = load_trainer(study.trainer, where=f"{where.at(('trainer',))}: trainer")
+    _check_metric(study.metric, trainer, where)
     if study.backend == "vast" or study.vast:
         _check_vast_section(study, where)
 
@@ -322,56 +367,203 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
     if duplicates:
         raise SpecError(f"{where.at(('arms',))}: arm names must be unique; repeated: {', '.join(duplicates)}")
 
-    variants: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+    arm_trainers = {study.trainer: trainer}
+    variants: list[_Variant] = []
     grid_keys = list(study.grid)
     for index, arm in enumerate(named_arms):
+        info = arm_trainers.get(arm.trainer or study.trainer)
+        if info is None:
+            at = where.at(("arms", index, "trainer"))
+            info = arm_trainers[arm.trainer] = load_trainer(arm.trainer, where=f"{at}: arm {arm.name!r}: trainer")
+        if info is not trainer:
+            _check_metric(study.metric, info, where, arm=(arm.name, index))
         arm_flat = flatten(arm.set)
         arm_sources = {k: where.at(("arms", index, "set") + _yaml_path(arm.set, k)) for k in arm_flat}
+        grid_sources = {k: where.at(("grid", k)) for k in grid_keys}
         for point in itertools.product(*(study.grid[k] for k in grid_keys)):
             label = "_".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in zip(grid_keys, point))
             name = arm.name if not grid_keys else (label if not study.arms else f"{arm.name}@{label}")
-            grid_sources = {k: where.at(("grid", k)) for k in grid_keys}
-            variants.append((name, {**base_flat, **arm_flat, **dict(zip(grid_keys, point))},
-                             {**sources, **arm_sources, **grid_sources}))
+            variants.append(_Variant(name, info, {**base_flat, **arm_flat, **dict(zip(grid_keys, point))},
+                                     {**sources, **arm_sources, **grid_sources}, [*arm_flat, *grid_keys]))
 
-    if study.baseline is not None and study.baseline not in {v[0] for v in variants}:
+    for variant in variants:
+        _check_keys(variant)
+    if study.baseline is not None and study.baseline not in {v.name for v in variants}:
         raise SpecError(f"{where.at(('baseline',))}: baseline {study.baseline!r} is not an arm; arms: "
-                        f"{', '.join(v[0] for v in variants)}")
+                        f"{', '.join(v.name for v in variants)}")
+    if study.adaptive and (study.baseline is None or len(variants) < 2):
+        raise SpecError(f"{where.at(('seeds',))}: seeds {{min, max}} adds seeds where an arm's verdict against "
+                        f"the baseline is still open: it needs a `baseline:` and at least one other arm")
 
-    n_runs = len(variants) * len(study.seed_list)
+    n_runs = len(variants) * study.max_seeds
     if n_runs > MAX_ARM_RUNS_WITHOUT_YES and not yes:
-        raise SpecError(f"{path}: {len(variants)} arms x {len(study.seed_list)} seeds = {n_runs} arm runs; "
+        up_to = "up to " if study.adaptive else ""
+        raise SpecError(f"{path}: {len(variants)} arms x {up_to}{study.max_seeds} seeds = {n_runs} arm runs; "
                         f"more than {MAX_ARM_RUNS_WITHOUT_YES} needs --yes")
 
-    resolved_configs: dict[str, dict] = {}
-    for name, flat, key_sources in variants:
-        resolved_configs[name] = _validate_config(trainer, name, flat, key_sources, path)
+    for variant in variants:
+        variant.config = _validate_config(variant.trainer, variant.name, variant.flat, variant.sources, path)
 
     by_hash: dict[str, str] = {}
-    for name, config in resolved_configs.items():
-        digest = config_hash(config)
+    for variant in variants:
+        digest = config_hash({"trainer": variant.trainer.name, **variant.config})
         if digest in by_hash:
-            raise SpecError(f"{path}: arms {by_hash[digest]!r} and {name!r} resolve to the identical config; "
+            raise SpecError(f"{path}: arms {by_hash[digest]!r} and {variant.name!r} resolve to the identical config; "
                             f"one of them would measure nothing new")
-        by_hash[digest] = name
+        by_hash[digest] = variant.name
 
-    upstreams: dict[str, PlannedUpstream] = {}
+    shared = _study_upstreams(variants, study.baseline)
+    planned: dict[str, PlannedUpstream] = {}
     arm_runs = []
-    for name, config in resolved_configs.items():
-        links = {}
-        for fieldname, link in trainer.upstream.items():
-            if config.get(link.dir_field):
-                continue          # the user points at an existing artifact: nothing to train upstream
-            up_config = config[fieldname]
-            up = PlannedUpstream(link.trainer, up_config, config_hash({"trainer": link.trainer, **up_config}))
-            links[link.dir_field] = upstreams.setdefault(up.config_hash, up)
+    for variant in variants:
+        _check_resolution(variant, shared, path)
+        aligned = _align_upstreams(variant.config, variant.trainer, set(variant.flat), shared)
+        config = _validate_config(variant.trainer, variant.name, flatten(aligned), {}, path)
         for seed in study.seed_list:
-            seeded = {**config, "seed": seed}
-            arm_runs.append(PlannedArmRun(name, seed, seeded, config_hash(seeded), links))
+            seeded = replicate(config, variant.trainer, seed)
+            links = upstream_runs(seeded, variant.trainer, planned)
+            arm_runs.append(PlannedArmRun(variant.name, seed, seeded, config_hash(seeded), links,
+                                          variant.trainer.name))
 
     resolved = study.model_dump(mode="json")
     resolved["base"] = unflatten(base_flat)
-    return Plan(path, study, trainer, arm_runs, list(upstreams.values()), resolved)
+    return Plan(path, study, trainer, arm_runs, list(planned.values()), resolved,
+                {v.name: v.trainer for v in variants})
+
+
+# ---- replicates and upstream runs ---------------------------------------------------
+
+
+def replicate(config: dict, trainer: TrainerInfo, seed: int) -> dict:
+    """Seed `seed` of an arm: the config, and every upstream config inside it that is trained here (no
+    folder given), get seed=k and data.draw=k, so init, batch order, data draw and upstream runs all vary."""
+    seeded = {**config, "seed": seed, "data": {**config["data"], "draw": seed}}
+    for fieldname, link in trainer.upstream.items():
+        if not seeded.get(link.dir_field):
+            seeded[fieldname] = replicate(seeded[fieldname], load_trainer(link.trainer), seed)
+    return seeded
+
+
+def upstream_runs(config: dict, trainer: TrainerInfo,
+                  planned: dict[str, PlannedUpstream]) -> dict[str, PlannedUpstream]:
+    """The upstream runs a config needs (dir field -> run), each planned once in `planned` (config hash -> run),
+    after the upstream runs it needs itself."""
+    links = {}
+    for fieldname, link in trainer.upstream.items():
+        if config.get(link.dir_field):
+            continue          # the user points at an existing artifact: nothing to train upstream
+        up_config = config[fieldname]
+        digest = config_hash({"trainer": link.trainer, **up_config})
+        if digest not in planned:
+            nested = upstream_runs(up_config, load_trainer(link.trainer), planned)
+            planned[digest] = PlannedUpstream(link.trainer, up_config, digest, nested)
+        links[link.dir_field] = planned[digest]
+    return links
+
+
+@dataclass
+class _Variant:
+    """An arm (or an arm at a grid point) before its seeds."""
+    name: str
+    trainer: TrainerInfo
+    flat: dict[str, Any]                  # base, arm and grid keys merged
+    sources: dict[str, str]               # key -> where it was written
+    own_keys: list[str]                   # keys this arm sets on top of base (its `set` and the grid)
+    config: dict = field(default_factory=dict)
+
+
+def _check_metric(metric: Metric, trainer: TrainerInfo, where: "_Where", arm: tuple[str, int] | None = None) -> None:
+    """The primary metric is one of the trainer's, with the same direction."""
+    name_at = where.at(("arms", arm[1], "trainer")) if arm else where.at(("metric", "name"))
+    mode_at = where.at(("arms", arm[1], "trainer")) if arm else where.at(("metric", "mode"))
+    who = f"arm {arm[0]!r}: " if arm else ""
+    if metric.name not in trainer.metrics:
+        raise SpecError(f"{name_at}: {who}metric {metric.name!r} is not one of trainer {trainer.name}'s metrics: "
+                        f"{', '.join(sorted(trainer.metrics))}")
+    if metric.mode != trainer.metrics[metric.name]:
+        raise SpecError(f"{mode_at}: {who}{metric.name} is better when {trainer.metrics[metric.name]}imised in "
+                        f"trainer {trainer.name}; mode {metric.mode!r} would rank arms backwards")
+
+
+def _check_keys(variant: _Variant) -> None:
+    """No key may set what replicates set (seeds, data draws), nor change an upstream that all arms share."""
+    replicate_keys = {"seed", "data.draw"}
+    for fieldname, link in variant.trainer.upstream.items():
+        replicate_keys |= {f"{fieldname}.seed", f"{fieldname}.data.draw"}
+    for key in variant.flat:
+        if key in replicate_keys:
+            raise SpecError(f"{variant.sources.get(key, key)}: {key}: each replicate gets seed=k and data.draw=k; "
+                            f"set replicates with `seeds:`")
+    shared_fields = _study_scope_fields(variant.trainer)
+    for key in variant.own_keys:
+        for fieldname, (dir_field, up_trainer) in shared_fields.items():
+            if key in (fieldname, dir_field) or key.startswith(fieldname + "."):
+                raise SpecError(f"{variant.sources[key]}: arm {variant.name!r}: {key}: the {fieldname} "
+                                f"({up_trainer}) is shared by every arm of the study, so one arm cannot change "
+                                f"it; set it in `base`")
+
+
+def _study_scope_fields(trainer: TrainerInfo, prefix: str = "") -> dict[str, tuple[str, str]]:
+    """Dotted config field of every upstream of scope "study", nested ones included -> (its dir field, trainer)."""
+    found = {}
+    for fieldname, link in trainer.upstream.items():
+        if link.scope == "study":
+            found[prefix + fieldname] = (prefix + link.dir_field, link.trainer)
+        else:
+            found.update(_study_scope_fields(load_trainer(link.trainer), f"{prefix}{fieldname}."))
+    return found
+
+
+def _sets_data(keys: set[str], fieldname: str) -> bool:
+    return any(k == f"{fieldname}.data" or k.startswith(f"{fieldname}.data.") for k in keys)
+
+
+def _study_upstreams(variants: list[_Variant], baseline: str | None) -> dict[str, dict]:
+    """Upstream configs of scope "study" (the judge): the baseline's (else the first arm's that has one),
+    trained on the baseline's data; field name -> config."""
+    shared = {}
+    ordered = sorted(variants, key=lambda v: v.name != baseline)
+    for variant in ordered:
+        for fieldname, link in variant.trainer.upstream.items():
+            if link.scope != "study" or fieldname in shared or variant.config.get(link.dir_field):
+                continue
+            up_config = variant.config[fieldname]
+            if not _sets_data(set(variant.flat), fieldname):
+                up_config = {**up_config, "data": variant.config["data"]}
+            shared[fieldname] = up_config
+    return shared
+
+
+def _check_resolution(variant: _Variant, shared: dict[str, dict], path: Path) -> None:
+    for fieldname, link in variant.trainer.upstream.items():
+        if link.scope != "study" or fieldname not in shared or variant.config.get(link.dir_field):
+            continue
+        resolution = variant.config["data"]["resolution"]
+        judged = shared[fieldname]["data"]["resolution"]
+        if resolution != judged:
+            source = variant.sources.get("data.resolution") or variant.sources.get("data") or str(path)
+            raise SpecError(f"{source}: arm {variant.name!r}: data.resolution {resolution} differs from the "
+                            f"{fieldname}'s {judged} (the baseline's data): every arm of a study is scored by one "
+                            f"{link.trainer} at one resolution")
+
+
+def _align_upstreams(config: dict, trainer: TrainerInfo, user_keys: set[str], shared: dict[str, dict],
+                     prefix: str = "") -> dict:
+    """Upstream configs inside an arm config: one of scope "arm" trains on the arm's data (unless the spec sets
+    its data), one of scope "study" is the study's."""
+    aligned = dict(config)
+    for fieldname, link in trainer.upstream.items():
+        if aligned.get(link.dir_field):
+            continue
+        if link.scope == "study" and fieldname in shared:
+            aligned[fieldname] = shared[fieldname]
+            continue
+        up_config = dict(aligned[fieldname])
+        if not _sets_data(user_keys, prefix + fieldname):
+            up_config["data"] = aligned["data"]
+        aligned[fieldname] = _align_upstreams(up_config, load_trainer(link.trainer), user_keys, shared,
+                                              f"{prefix}{fieldname}.")
+    return aligned
 
 
 class _Where:

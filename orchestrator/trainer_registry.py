@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 
 from pydantic import BaseModel
@@ -18,6 +18,7 @@ class Upstream:
     """A config field holding another trainer's config, whose output folder goes into `dir_field`."""
     trainer: str
     dir_field: str
+    scope: str = "arm"                # "arm": trained per arm config; "study": one per seed shared by all arms
 
 
 @dataclass
@@ -27,6 +28,7 @@ class TrainerInfo:
     config_cls: type[BaseModel]
     metrics: dict[str, str]           # summary metric -> "min" | "max"
     upstream: dict[str, Upstream]     # config field -> its upstream trainer
+    seed_randomises: list[str] = field(default_factory=list)   # what a replicate's seed changes (SEED_RANDOMISES)
 
 
 def available_trainers() -> list[str]:
@@ -46,6 +48,7 @@ def load_trainer(name: str, where: str = "trainer") -> TrainerInfo:
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         raise SpecError(f"{where}: unknown trainer {name!r}; available: {', '.join(known)}{hint}")
     module = importlib.import_module(f"trainers.{name}")
-    upstream = {field: Upstream(link["trainer"], link["dir_field"])
+    upstream = {field: Upstream(link["trainer"], link["dir_field"], link.get("scope", "arm"))
                 for field, link in getattr(module, "UPSTREAM", {}).items()}
-    return TrainerInfo(name, module, module.Config, dict(module.METRICS), upstream)
+    return TrainerInfo(name, module, module.Config, dict(module.METRICS), upstream,
+                       list(getattr(module, "SEED_RANDOMISES", [])))

@@ -166,7 +166,7 @@ base:
   eval_every: 10
   log_every: 5
   batch_size: 16
-  num_samples: 8
+  eval_samples: 8
   num_inpaint: 8
   model.dim: 32
   data: {{num_train: 128, num_heldout: 32}}
@@ -183,13 +183,17 @@ resources: {{gpus: 0}}
     assert result.returncode == 0, result.stdout + result.stderr
     db = ledger(home)
     upstream = db.arm_runs("up", kind="upstream")
+    judges = [r for r in upstream if r["trainer"] == "judge"]
+    upstream = [r for r in upstream if r["trainer"] != "judge"]
+    assert len(judges) == 1 and judges[0]["state"] == "succeeded", "one judge for the study's seed"
     assert len(upstream) == 2 and all(r["state"] == "succeeded" and r["trainer"] == "vqvae" for r in upstream)
-    assert all(len(db.attempts(r["id"])) == 1 for r in upstream), "each tokenizer config trains once"
+    assert all(len(db.attempts(r["id"])) == 1 for r in upstream + judges), "each upstream config trains once"
     dirs = {}
     for arm_run in db.arm_runs("up", kind="arm"):
         assert arm_run["state"] == "succeeded"
         config = json.loads((home / "up" / arm_run["arm"] / "seed0" / "config.json").read_text())
         dirs[arm_run["arm"]] = config["tokenizer_dir"]
+        assert config["judge_dir"] == judges[0]["out_dir"]
         started = db.attempts(arm_run["id"])[0]["started_at"]
         tokenizer = next(r for r in upstream if r["out_dir"] == config["tokenizer_dir"])
         assert db.attempts(tokenizer["id"])[0]["ended_at"] <= started, "an arm started before its tokenizer ended"

@@ -1,4 +1,5 @@
-"""The report: results.csv numbers checked by hand, results.md content, the hardware warning, the plots."""
+"""The report: results.csv numbers and verdicts checked by hand, results.md content (the answer first, upstream
+summaries, per-seed values), the hardware warning, the terminal table, the plots."""
 
 import csv
 import json
@@ -14,6 +15,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.report import write_report
 from orchestrator.report.collect import collect_results
 from orchestrator.report.plots import newest_sample
+from trainers import vqvae
 
 RUN_ID = "codebook-20250101-120000"
 ARMS = ("baseline", "small-codebook", "wide")
@@ -44,8 +46,14 @@ baseline: baseline
 """
 
 
-def build_study(tmp_path, hardware=None, gpus=1.0, baseline="baseline", trainer="vqvae", with_data=True):
-    """A finished study in a fresh ledger: 3 arms x 2 seeds + 1 upstream run, as the scheduler would leave it."""
+UPSTREAM_SUMMARY = {"steps": 50, "recon_mse": 0.02, "codebook_usage": 0.83, "perplexity": 97.5, "top4_mass": 0.11}
+
+
+def build_study(tmp_path, hardware=None, gpus=1.0, baseline="baseline", trainer="vqvae", with_data=True,
+                final=None, seeds=(0, 1), diverged=("wide", 1)):
+    """A finished study in a fresh ledger: 3 arms x 2 seeds + 1 upstream run, as the scheduler would leave it.
+    `final` replaces FINAL (and `seeds` the seeds) for studies with other numbers."""
+    final = final or FINAL
     hardware = hardware or {arm: "NVIDIA A100-SXM4-80GB" for arm in ARMS}
     ledger = Ledger(tmp_path / "ledger.sqlite")
     run_dir = tmp_path / RUN_ID
@@ -58,23 +66,34 @@ def build_study(tmp_path, hardware=None, gpus=1.0, baseline="baseline", trainer=
                                   config={}, config_hash="u1", out_dir=str(run_dir / "_upstream" / "vqvae-tokenizer"),
                                   total_steps=50, gpus=gpus, cpus=1, gpu_memory_gb=None)
     _attempt(ledger, upstream, "succeeded", hardware["baseline"], seconds=900)
-    ledger.transition(upstream, "succeeded")
+    if with_data:
+        (run_dir / "_upstream" / "vqvae-tokenizer").mkdir(parents=True)
+        (run_dir / "_upstream" / "vqvae-tokenizer" / "summary.json").write_text(json.dumps(UPSTREAM_SUMMARY))
+    _end(ledger, upstream, "succeeded")
     for arm in ARMS:
-        for seed in (0, 1):
+        for seed in seeds:
             out_dir = run_dir / arm / f"seed{seed}"
             arm_run = ledger.add_arm_run(RUN_ID, arm=arm, seed=seed, kind="arm", config={"seed": seed},
                                          config_hash=f"{arm}{seed}", out_dir=str(out_dir), total_steps=50,
                                          gpus=gpus, cpus=2, gpu_memory_gb=None, upstream_ids={"tokenizer": upstream})
-            diverges = (arm, seed) == ("wide", 1)
+            diverges = (arm, seed) == diverged
             attempt = _attempt(ledger, arm_run, "diverged" if diverges else "succeeded", hardware[arm],
                                seconds=600 if diverges else 1800)
             if with_data:
-                ledger.record_metrics(arm_run, attempt, _metric_rows(arm, seed, diverges))
-                _write_outputs(out_dir, arm, seed, diverges)
-            ledger.transition(arm_run, "diverged" if diverges else "succeeded",
-                              "non-finite loss at step 40" if diverges else None)
+                ledger.record_metrics(arm_run, attempt, _metric_rows(arm, seed, diverges, final))
+                _write_outputs(out_dir, arm, seed, diverges, final)
+            _end(ledger, arm_run, "diverged" if diverges else "succeeded",
+                 "non-finite loss at step 40" if diverges else None)
     ledger.set_run_state(RUN_ID, "finished")
     return ledger, run_dir
+
+
+def _end(ledger, arm_run, state, reason=None):
+    """The moves the scheduler makes: running, collecting when it succeeded, then the final state."""
+    ledger.transition(arm_run, "running")
+    if state == "succeeded":
+        ledger.transition(arm_run, "collecting")
+    ledger.transition(arm_run, state, reason)
 
 
 def _attempt(ledger, arm_run, state, hardware, seconds):
@@ -84,8 +103,8 @@ def _attempt(ledger, arm_run, state, hardware, seconds):
     return attempt
 
 
-def _metric_rows(arm, seed, diverges):
-    final_mse = FINAL.get((arm, seed), (0.5, 0.0))[0]
+def _metric_rows(arm, seed, diverges, final):
+    final_mse = final.get((arm, seed), (0.5, 0.0))[0]
     rows = []
     for step in STEPS:
         loss = (1 + 0.4 * ARMS.index(arm)) * 2.0 * math.exp(-step / 8) * (1 + 0.1 * seed) + 0.01
@@ -98,7 +117,7 @@ def _metric_rows(arm, seed, diverges):
     return rows[:4] if diverges else rows
 
 
-def _write_outputs(out_dir, arm, seed, diverges):
+def _write_outputs(out_dir, arm, seed, diverges, final):
     samples = out_dir / "samples"
     samples.mkdir(parents=True)
     Image.new("RGB", (66, 66), (128, 128, 128)).save(samples / "recon_step000020.png")
@@ -111,7 +130,7 @@ def _write_outputs(out_dir, arm, seed, diverges):
     if diverges:
         (out_dir / "summary.json").write_text(json.dumps({"diverged": True, "reason": "non-finite loss"}))
     elif (arm, seed) != ("small-codebook", 1):
-        mse, usage = FINAL[(arm, seed)]
+        mse, usage = final[(arm, seed)]
         (out_dir / "summary.json").write_text(json.dumps(
             {"steps": 50, "wall_time_s": 12.5, "loss": 0.05, "recon_mse": mse, "codebook_usage": usage,
              "perplexity": 100.0 + seed, "diverged": False}))
@@ -122,7 +141,7 @@ def _csv_rows(run_dir):
         return {row["arm"]: row for row in csv.DictReader(f)}
 
 
-def test_csv_has_means_stds_and_deltas_computed_by_hand(tmp_path):
+def test_csv_has_means_stds_and_verdicts_computed_by_hand(tmp_path):
     ledger, run_dir = build_study(tmp_path)
     write_report(ledger, RUN_ID, run_dir)
     rows = _csv_rows(run_dir)
@@ -134,24 +153,34 @@ def test_csv_has_means_stds_and_deltas_computed_by_hand(tmp_path):
     assert float(base["recon_mse_std"]) == pytest.approx(baseline_std)
     assert float(base["codebook_usage_mean"]) == pytest.approx(0.6)
     assert float(base["codebook_usage_std"]) == pytest.approx(math.sqrt(0.02))
-    assert float(base["delta"]) == 0 and float(base["delta_in_baseline_std"]) == 0
-    assert base["is_baseline"] == "1"
+    assert (base["is_baseline"], base["verdict"], base["n_paired"], base["diff_mean"], base["wins"]) == (
+        "1", "baseline", "2", "", "")
 
     # seed 1 has no summary.json: its recon_mse (0.16) comes from the last eval row in the ledger
     assert float(small["recon_mse_mean"]) == pytest.approx(0.18)
     assert float(small["recon_mse_std"]) == pytest.approx(math.sqrt(0.0008))
-    assert float(small["delta"]) == pytest.approx(0.07)
-    assert float(small["delta_in_baseline_std"]) == pytest.approx(0.07 / baseline_std)
     assert float(small["perplexity_mean"]) == pytest.approx(100.0)   # only seed 0's summary has it
     assert (small["perplexity_n"], small["perplexity_std"]) == ("1", "")
+    # paired differences 0.20 - 0.10 and 0.16 - 0.12: mean 0.07, standard error 0.03, t = 7/3 on 1 degree of
+    # freedom (Cauchy: p = 1 - 2/pi atan|t|), interval 0.07 ± t(0.975, 1) x 0.03; the only arm with a test
+    assert float(small["diff_mean"]) == pytest.approx(0.07)
+    assert float(small["diff_ci_low"]) == pytest.approx(0.07 - 12.706204736 * 0.03)
+    assert float(small["diff_ci_high"]) == pytest.approx(0.07 + 12.706204736 * 0.03)
+    assert float(small["p_value"]) == pytest.approx(1 - 2 / math.pi * math.atan(7 / 3))
+    assert float(small["p_adjusted"]) == pytest.approx(float(small["p_value"]))
+    assert (small["verdict"], small["wins"], small["n_paired"], small["diff_bca_low"]) == (
+        "inconclusive", "0/2", "2", "")
 
-    # the diverged seed is counted, and its last recon_mse in the ledger stays out of the mean
+    # the diverged seed is counted, and its last recon_mse in the ledger stays out of the mean and the pairs
     assert (wide["n_seeds"], wide["n_succeeded"], wide["n_diverged"], wide["n_failed"]) == ("2", "1", "1", "0")
     assert float(wide["recon_mse_mean"]) == pytest.approx(0.08)
     assert wide["recon_mse_std"] == ""
-    assert float(wide["delta"]) == pytest.approx(-0.03)
-    assert float(wide["delta_in_baseline_std"]) == pytest.approx(-0.03 / baseline_std)
-    assert [rows[a]["is_best"] for a in ARMS] == ["0", "0", "1"]
+    assert (wide["verdict"], wide["n_paired"], wide["wins"], wide["p_value"], wide["diff_ci_low"]) == (
+        "inconclusive", "1", "1/1", "", "")
+    assert float(wide["diff_mean"]) == pytest.approx(-0.02)
+    assert "one seed: nothing can be concluded" in wide["verdict_note"]
+    assert "seed 1 of baseline left out" in wide["verdict_note"]
+    assert not any(column.startswith("delta") or column == "is_best" for column in base)
 
     assert float(base["gpu_hours"]) == pytest.approx(1.0)
     assert float(wide["gpu_hours"]) == pytest.approx(0.5 + 600 / 3600)
@@ -160,28 +189,104 @@ def test_csv_has_means_stds_and_deltas_computed_by_hand(tmp_path):
     assert base["top4_mass_mean"] == "" and base["top4_mass_std"] == ""   # a METRICS key no summary has
 
 
-def test_markdown_has_heading_table_plots_and_notes(tmp_path):
+def test_markdown_opens_with_the_answer_then_table_per_seed_values_upstream_plots_and_notes(tmp_path):
     ledger, run_dir = build_study(tmp_path)
     paths = write_report(ledger, RUN_ID, run_dir)
     text = paths.markdown.read_text()
-    assert text.startswith("# codebook: results")
+    assert text.startswith("# codebook: results\n\n**recon_mse (lower is better), each arm against baseline")
+    answer = text.split("- Run:", 1)[0]
+    assert "- Better: none\n- Worse: none\n" in answer
+    assert "- Inconclusive: small-codebook +0.07 [-0.311, +0.451], wins 0/2, n=2, p=0.258; " \
+           "wide -0.02, wins 1/1, n=1 (seed 1 of baseline left out (wide has no value there); " \
+           "one seed: nothing can be concluded)" in answer
     assert RUN_ID in text and "`vqvae`" in text and "`abc1234`" in text and "`d1ff`" in text
     assert "Does a smaller codebook hurt reconstruction?" in text
     assert "`small-codebook`: 32 codes instead of 512" in text
-    assert "| Arm | Seeds | recon_mse ↓ | codebook_usage ↑ |" in text
-    assert "| Δ recon_mse | Δ / baseline σ | GPU-h | Hardware |" in text
-    assert "| baseline | 2 succeeded | 0.11 ± 0.014 | 0.6 ± 0.14 |" in text
-    assert "| small-codebook | 2 succeeded | 0.18 ± 0.028 | 0.9 (n=1) |" in text
-    assert "| wide ★ | 1 succeeded, 1 diverged | 0.08 | 0.4 |" in text
-    assert "| 0 (baseline) | +0.00 |" in text and "| +0.07 | +4.95 |" in text and "| -0.03 | -2.12 |" in text
-    assert "ddof=1" in text
+    assert "| Arm | Seeds | n | recon_mse ↓ | codebook_usage ↑ |" in text
+    assert "| Verdict | diff recon_mse [95% CI] | Wins | p (Holm) | GPU-h | Hardware |" in text
+    assert "| baseline | 2 succeeded | 2 | 0.11 ± 0.014 | 0.6 ± 0.14 |" in text
+    assert "| small-codebook | 2 succeeded | 2 | 0.18 ± 0.028 | 0.9 (n=1) |" in text
+    assert "| wide | 1 succeeded, 1 diverged | 1 | 0.08 | 0.4 |" in text
+    assert "| baseline | — | — | — |" in text and "| inconclusive | +0.07 [-0.311, +0.451] | 0/2 | 0.258 |" in text
+    assert "★" not in text and "σ" not in text     # no arm is better; no delta in std units
+    assert "ddof=1" in text and "Holm" in text
+    assert "- Seeds per arm: `baseline` 2, `small-codebook` 2, `wide` 1 (n compared;" in text
+    per_seed = text.split("### recon_mse per seed", 1)[1].split("##", 1)[0]
+    assert "| Arm | seed 0 | seed 1 |" in per_seed
+    assert "| small-codebook | 0.2 (+0.1) | 0.16 (+0.04) |" in per_seed and "| wide | 0.08 (-0.02) | diverged |" in per_seed
     assert "different hardware" not in text
-    assert "## Upstream runs" in text and "| vqvae-tokenizer | vqvae | 0 | 1 succeeded |" in text
+    upstream = text.split("## Upstream runs", 1)[1].split("## Plots", 1)[0]
+    assert "### vqvae" in upstream
+    assert "| Upstream | Used by | Seed | State | recon_mse | codebook_usage | perplexity | top4_mass |" in upstream
+    assert "| vqvae-tokenizer | all arms | 0 | 1 succeeded | 0.02 | 0.83 | 97.5 | 0.11 |" in upstream
     for name in ("primary_metric", "loss", "samples"):
         assert f"(plots/{name}.png)" in text
     notes = text.split("## Notes", 1)[1]
     assert "wide seed 1: diverged: non-finite loss at step 40; excluded from the means" in notes
     assert "small-codebook seed 1: no summary.json" in notes
+
+
+# Four seeds; the seed moves every arm alike (what pairing removes), small-codebook is worse, wide is better.
+DECISIVE = {(arm, seed): (0.10 + 0.03 * seed + shift + jitter, 0.5)
+            for arm, shift in (("baseline", 0.0), ("small-codebook", 0.05), ("wide", -0.02))
+            for seed, jitter in enumerate((0.0, 0.002, -0.001, 0.001) if arm != "baseline" else (0, 0, 0, 0))}
+
+
+def test_a_decided_study_stars_only_the_better_arm_and_says_so_first(tmp_path):
+    ledger, run_dir = build_study(tmp_path, final=DECISIVE, seeds=(0, 1, 2, 3), diverged=None)
+    added = "seed 3 added to arms small-codebook, wide (and the baseline baseline): inconclusive after 3 seeds"
+    ledger.event(RUN_ID, "seeds.add", seed=3, arms=list(ARMS), reason=added)
+    ledger.event(RUN_ID, "seeds.done", reason="every verdict decided after 4 seeds: small-codebook worse, wide better")
+    paths = write_report(ledger, RUN_ID, run_dir)
+    rows = _csv_rows(run_dir)
+    assert [rows[arm]["verdict"] for arm in ARMS] == ["baseline", "worse", "better"]
+    assert rows["wide"]["wins"] == "4/4" and rows["small-codebook"]["wins"] == "0/4"
+    assert float(rows["wide"]["diff_mean"]) == pytest.approx(-0.02 + 0.0005)
+    assert float(rows["wide"]["p_adjusted"]) < 0.05 and float(rows["wide"]["diff_ci_high"]) < 0
+    text = paths.markdown.read_text()
+    answer = text.split("- Run:", 1)[0]
+    # differences -0.02 + (0, 0.002, -0.001, 0.001): mean -0.0195, sd 0.00129, half-width t(0.975, 3) x sd / 2
+    assert "- Better: wide -0.0195 [-0.0216, -0.0174], wins 4/4, n=4, p<0.001\n" in answer
+    assert "- Worse: small-codebook +0.0505 [" in answer and "- Inconclusive: none" in answer
+    assert "| wide ★ |" in text and text.count("★") == 2     # the row and the legend
+    assert "### recon_mse per seed" not in text            # four seeds: the table's n and interval say it
+    assert (f"- Seeds per arm: `baseline` 4, `small-codebook` 4, `wide` 4 (n compared; a seed that did not succeed "
+            f"is left out, and adaptive seeds are added only to arms whose verdict is still open)\n  - {added}\n"
+            f"  - every verdict decided after 4 seeds: small-codebook worse, wide better\n") in text
+
+
+def test_one_seed_per_arm_says_nothing_can_be_concluded(tmp_path):
+    ledger, run_dir = build_study(tmp_path, seeds=(0,), diverged=None)
+    paths = write_report(ledger, RUN_ID, run_dir)
+    text = paths.markdown.read_text()
+    assert text.startswith("# codebook: results\n\n"
+                           "**One seed per arm: nothing can be concluded; run with seeds >= 3.**\n")
+    assert "★" not in text
+    assert {row["verdict"] for row in _csv_rows(run_dir).values()} == {"baseline", "inconclusive"}
+    assert "| wide | 0.08 (-0.02) |" in text.split("### recon_mse per seed", 1)[1]
+
+
+def test_each_seed_randomises_line_comes_from_the_trainer(tmp_path, monkeypatch):
+    monkeypatch.setattr(vqvae, "SEED_RANDOMISES", ["model initialisation", "batch order"], raising=False)
+    ledger, run_dir = build_study(tmp_path / "declared")
+    text = write_report(ledger, RUN_ID, run_dir).markdown.read_text()
+    assert "- Each seed randomises: model initialisation, batch order\n" in text
+
+    monkeypatch.delattr(vqvae, "SEED_RANDOMISES", raising=False)
+    ledger, run_dir = build_study(tmp_path / "undeclared")
+    assert "Each seed randomises" not in write_report(ledger, RUN_ID, run_dir).markdown.read_text()
+
+
+@pytest.mark.parametrize("width", [250, 100, 72])
+def test_terminal_table_shows_verdict_interval_and_n_at_any_width(tmp_path, width):
+    ledger, run_dir = build_study(tmp_path)
+    console = Console(record=True, width=width)
+    write_report(ledger, RUN_ID, run_dir, console=console)
+    terminal = console.export_text()
+    assert max(len(line) for line in terminal.splitlines()) <= width
+    assert "inconclusive" in terminal and "+0.07 [-0.311, +0.451]" in terminal and "0.11 ± 0.014" in terminal
+    assert "Better: none" in terminal
+    assert ("Hardware" in terminal) == (width == 250)
 
 
 def test_mixed_hardware_warning_only_when_arms_differ(tmp_path):
@@ -195,7 +300,7 @@ def test_mixed_hardware_warning_only_when_arms_differ(tmp_path):
     assert "wide: NVIDIA GeForce RTX 4090" in text
     terminal = console.export_text()
     assert "warning: arms ran on different hardware" in terminal
-    assert "small-codebook" in terminal and "★" in terminal and "0.11 ± 0.014" in terminal
+    assert "small-codebook" in terminal and "0.11 ± 0.014" in terminal
 
     same = Console(record=True, width=250)
     ledger2, run_dir2 = build_study(tmp_path / "same")
@@ -235,12 +340,13 @@ def test_newest_sample_grid_is_the_one_shown(tmp_path):
     assert newest_sample(results.arms[0].succeeded[0]).name == "recon.png"
 
 
-def test_no_baseline_means_no_delta_columns(tmp_path):
+def test_no_baseline_means_no_verdicts(tmp_path):
     ledger, run_dir = build_study(tmp_path, baseline=None)
     write_report(ledger, RUN_ID, run_dir)
     text = (run_dir / "results.md").read_text()
-    assert "Δ" not in text.split("## Upstream", 1)[0].split("| Arm |", 1)[1].split("\n", 1)[0]
-    assert all(row["delta"] == "" and row["delta_in_baseline_std"] == "" for row in _csv_rows(run_dir).values())
+    assert text.startswith("# codebook: results\n\n**No verdicts: the spec names no baseline arm.**")
+    assert "Verdict" not in text.split("| Arm |", 1)[1].split("\n", 1)[0]
+    assert all(row["verdict"] == "" and row["diff_mean"] == "" for row in _csv_rows(run_dir).values())
 
 
 def test_missing_data_skips_plots_and_says_so(tmp_path):
@@ -254,7 +360,7 @@ def test_missing_data_skips_plots_and_says_so(tmp_path):
     assert "not drawn, no metrics row carries 'recon_mse'" in text
     assert "not drawn, no succeeded arm run has a PNG under samples/" in text
     rows = _csv_rows(run_dir)   # unknown trainer: the primary metric alone, with no values anywhere
-    assert rows["baseline"]["recon_mse_mean"] == "" and rows["baseline"]["delta"] == ""
+    assert rows["baseline"]["recon_mse_mean"] == "" and rows["baseline"]["verdict"] == ""
 
 
 def test_unknown_run_is_a_user_error(tmp_path):

@@ -65,22 +65,88 @@ def test_set_overrides_spec_and_base(tmp_path):
     assert plan.study.resources.gpus == 0.5
 
 
-def test_upstream_runs_are_shared_by_identical_tokenizer_configs(tmp_path):
-    plan = plan_of(tmp_path, """name: mg
+MASKGIT = """name: mg
 trainer: maskgit
 metric: {name: heldout_masked_acc, mode: max}
+baseline: a
+"""
+
+
+def test_upstream_runs_are_replicated_per_seed_and_shared_by_arms(tmp_path):
+    plan = plan_of(tmp_path, MASKGIT + """
+base: {data.num_train: 256}
 arms:
   - name: a
   - name: b
     set: {decode_steps: 4}
   - name: c
-    set: {tokenizer.model.codebook_size: 16}
+    set: {tokenizer.model.codebook_size: 16, tokenizer.data.num_train: 128}
 seeds: 2
 """)
-    assert len(plan.upstreams) == 2
-    a, b, c = (next(r for r in plan.arm_runs if r.arm == n) for n in "abc")
-    assert a.upstream["tokenizer_dir"] is b.upstream["tokenizer_dir"]
-    assert c.upstream["tokenizer_dir"] is not a.upstream["tokenizer_dir"]
+    # a and b share a tokenizer config: one tokenizer run per seed for both; c has its own per seed
+    assert len([up for up in plan.upstreams if up.trainer == "vqvae"]) == 4
+    for seed in (0, 1):
+        a, b, c = (next(r for r in plan.arm_runs if r.arm == n and r.seed == seed) for n in "abc")
+        shared = a.upstream["tokenizer_dir"]
+        assert b.upstream["tokenizer_dir"] is shared and c.upstream["tokenizer_dir"] is not shared
+        for run in (a, b, c):
+            assert run.config["seed"] == seed and run.config["data"]["draw"] == seed
+            tokenizer = run.upstream["tokenizer_dir"]
+            assert tokenizer.seed == seed and tokenizer.config["data"]["draw"] == seed
+            assert run.config["tokenizer"] == tokenizer.config       # the arm's config records its upstream's
+        assert shared.config["data"] == a.config["data"]            # the tokenizer trains on the arm's data
+        assert c.upstream["tokenizer_dir"].config["data"]["num_train"] == 128   # unless the spec sets its data
+    seed0 = next(r for r in plan.arm_runs if r.arm == "a" and r.seed == 0).upstream["tokenizer_dir"]
+    seed1 = next(r for r in plan.arm_runs if r.arm == "a" and r.seed == 1).upstream["tokenizer_dir"]
+    assert seed0 is not seed1 and seed0.name != seed1.name
+
+
+CROSS_FAMILY = """name: families
+trainer: dcgan
+metric: {name: kid_scratchenc, mode: min}
+baseline: gan
+base: {steps: 20, judge.steps: 50}
+arms:
+  - name: gan
+  - name: vae
+    trainer: vae
+    set: {data.num_train: 512}
+  - name: latent
+    trainer: latent_diffusion
+    set: {beta: 0.5}
+seeds: 2
+"""
+
+
+def test_the_judge_is_one_run_per_seed_shared_by_every_arm_of_every_trainer(tmp_path):
+    plan = plan_of(tmp_path, CROSS_FAMILY.replace("beta: 0.5", "lr: 0.001"))
+    assert {r.arm: r.trainer for r in plan.arm_runs} == {"gan": "dcgan", "vae": "vae", "latent": "latent_diffusion"}
+    baseline_data = next(r for r in plan.arm_runs if r.arm == "gan").config["data"]
+    judges = [up for up in plan.upstreams if up.trainer == "judge"]
+    assert [j.seed for j in judges] == [0, 1]
+    for seed, judge in enumerate(judges):
+        assert judge.config["steps"] == 50
+        assert judge.config["data"] == {**baseline_data, "draw": seed}     # the vae arm's 512 images do not reach it
+        runs = [r for r in plan.arm_runs if r.seed == seed]
+        assert all(r.upstream["judge_dir"] is judge for r in runs)
+        latent = next(r for r in runs if r.arm == "latent")
+        autoencoder = latent.upstream["autoencoder_dir"]
+        assert autoencoder.seed == seed and autoencoder.upstream["judge_dir"] is judge   # the VAE it trains, too
+    assert plan.upstreams.index(judges[0]) < plan.upstreams.index(
+        next(r for r in plan.arm_runs if r.arm == "latent").upstream["autoencoder_dir"])
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("data.num_train: 512", "judge.steps: 10"), "spec.yaml:10: arm 'vae': judge.steps: the judge (judge) is shared "
+                                                 "by every arm of the study"),
+    (("lr: 0.001", "autoencoder.judge_dir: /x"), "arm 'latent': autoencoder.judge_dir: the autoencoder.judge"),
+    (("data.num_train: 512", "data.resolution: 32"), "spec.yaml:10: arm 'vae': data.resolution 32 differs from "
+                                                     "the judge's 16 (the baseline's data)"),
+])
+def test_an_arm_cannot_change_the_judge(tmp_path, change, expected):
+    with pytest.raises(SpecError) as info:
+        plan_of(tmp_path, CROSS_FAMILY.replace("beta: 0.5", "lr: 0.001").replace(*change))
+    assert expected in str(info.value)
 
 
 def test_flatten_roundtrip():
@@ -105,6 +171,17 @@ def test_flatten_roundtrip():
     (VQ.replace("mode: min", "mode: max"), [], ["spec.yaml:3", "recon_mse is better when minimised"]),
     (VQ + "baseline: nope\n", [], ["spec.yaml:4", "baseline 'nope' is not an arm"]),
     (VQ + "base: {seed: 3}\n", [], ["set replicates with `seeds:`"]),
+    (VQ + "arms: [{name: a, set: {data.draw: 2}}]\n", [], ["spec.yaml:4", "data.draw: each replicate gets"]),
+    (VQ + "seeds: {min: 1, max: 4}\n", [], ["spec.yaml:4: seeds", "min: Input should be greater than or equal to 2"]),
+    (VQ + "seeds: {min: 4, max: 2}\n", [], ["spec.yaml:4: seeds", "max (2) is below min (4)"]),
+    (VQ + "seeds: {min: 3}\n", [], ["spec.yaml:4: seeds", "max: Field required"]),
+    (VQ + "arms: [{name: a}, {name: b, set: {lr: 0.1}}]\nseeds: {min: 2, max: 4}\n", [],
+     ["spec.yaml:5", "needs a `baseline:`"]),
+    (VQ + "arms: [{name: a}, {name: g, trainer: dcgan}]\n", [],
+     ["spec.yaml:4", "arm 'g': metric 'recon_mse' is not one of trainer dcgan's metrics"]),
+    (VQ + "arms: [{name: a}, {name: g, trainer: dcgn}]\n", [], ["spec.yaml:4", "arm 'g'", "unknown trainer 'dcgn'"]),
+    (VQ + "arms: [{name: a}, {name: v, trainer: vae, set: {vq.beta: 0.5}}]\n", [],
+     ["spec.yaml:4", "arm 'v': unknown key 'vq' for trainer vae"]),
     (VQ, ["base.steps"], ["--set 'base.steps': expected KEY=VALUE"]),
     (VQ, ["nonsense.key=1"], ["--set nonsense.key"]),
     (VQ, ["base.lr=fast"], ["--set base.lr", "arm 'base': lr"]),
@@ -117,6 +194,47 @@ def test_bad_input_names_file_field_and_line(tmp_path, body, sets, expected):
         plan_of(tmp_path, body, sets)
     for fragment in expected:
         assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_metric_direction_must_agree_in_every_arms_trainer(tmp_path, monkeypatch):
+    import trainers.vae
+    monkeypatch.setitem(trainers.vae.METRICS, "recon_mse", "max")
+    with pytest.raises(SpecError, match=r"spec.yaml:4: arm 'v': recon_mse is better when maximised in trainer vae"):
+        plan_of(tmp_path, VQ + "arms: [{name: a}, {name: v, trainer: vae}]\n")
+
+
+def test_arms_of_other_trainers_validate_against_their_own_config(tmp_path):
+    plan = plan_of(tmp_path, VQ + """
+base: {steps: 30}
+arms:
+  - name: vq
+  - name: vae
+    trainer: vae
+    set: {beta: 0.5}
+  - name: vae-again
+    trainer: vae
+seeds: 2
+baseline: vq
+""")
+    assert {r.arm: r.trainer for r in plan.arm_runs} == {"vq": "vqvae", "vae": "vae", "vae-again": "vae"}
+    vae = next(r for r in plan.arm_runs if r.arm == "vae")
+    assert vae.config["beta"] == 0.5 and vae.config["steps"] == 30 and "vq" not in vae.config
+    # the same overrides under two trainers are two different arms, not one config twice
+    plan = plan_of(tmp_path, VQ + "arms: [{name: a}, {name: b, trainer: vae}]\n")
+    assert [r.trainer for r in plan.arm_runs] == ["vqvae", "vae"]
+
+
+def test_adaptive_seeds_start_with_min_and_say_so(tmp_path):
+    body = VQ + "arms: [{name: a}, {name: b, set: {lr: 0.01}}]\nbaseline: a\nseeds: {min: 3, max: 8}\n"
+    plan = plan_of(tmp_path, body)
+    assert plan.study.adaptive and plan.study.max_seeds == 8
+    assert sorted((r.arm, r.seed) for r in plan.arm_runs) == [(a, s) for a in "ab" for s in range(3)]
+    assert plan_of(tmp_path, body, sets=["seeds={min: 2, max: 3}"]).study.max_seeds == 3
+    assert not plan_of(tmp_path, body, sets=["seeds=4"]).study.adaptive
+    result = armature(tmp_path / "home", "validate", str(tiny_spec(tmp_path, body)))
+    assert result.returncode == 0, result.stderr
+    assert "seeds: 3, up to 8 where the verdict is open" in result.stdout
+    assert "each seed randomises: model initialisation" in result.stdout
 
 
 def test_large_grid_needs_yes(tmp_path):
@@ -145,7 +263,7 @@ def test_validate_prints_plan_and_dry_run_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     for arm in ("baseline", "small-codebook", "dead-code-reset", "linear-schedule", "fewer-decode-steps"):
         assert arm in result.stdout
-    assert "10 arm runs = 5 arms x 2 seeds" in result.stdout
+    assert "arm runs = 5 arms x" in result.stdout
     assert "one vqvae run shared by" in result.stdout
     assert armature(home, "ablation", "arms/maskgit.yaml", "--dry-run").returncode == 0
     assert not home.exists()
@@ -158,3 +276,22 @@ def test_schema_is_json_schema_of_the_spec():
     assert {"name", "trainer", "arms", "grid", "seeds", "metric", "resources", "budget", "vast"} <= set(
         schema["properties"])
     assert "name" in schema["required"] and "metric" in schema["required"]
+
+
+def test_each_data_draw_is_other_data_and_the_same_draw_is_the_same_data():
+    from trainers.common import DataConfig
+    from trainers.data import load_split
+    from trainers.imagefolder import heldout_mask
+
+    def images(draw, split="train"):
+        return load_split(DataConfig(num_train=32, num_heldout=16, draw=draw), split)[0]
+
+    assert (images(0) == load_split(DataConfig(num_train=32, num_heldout=16), "train")[0]).all()
+    assert (images(1) == images(1)).all() and (images(1, "heldout") == images(1, "heldout")).all()
+    assert (images(1) != images(0)).any() and (images(1, "heldout") != images(0, "heldout")).any()
+    assert (images(1) != images(2)).any()
+
+    paths = [f"photos/{i}.jpg" for i in range(400)]
+    first, second = heldout_mask(paths, 0.25, draw=0), heldout_mask(paths, 0.25, draw=1)
+    assert (first == heldout_mask(paths, 0.25)).all() and (second == heldout_mask(paths, 0.25, draw=1)).all()
+    assert (first != second).any() and 60 < second.sum() < 140      # another quarter of the photos held out

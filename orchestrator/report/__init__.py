@@ -15,9 +15,9 @@ from rich.text import Text
 
 from orchestrator.ledger import Ledger
 from orchestrator.report.collect import StudyResults, collect_results
-from orchestrator.report.document import results_markdown
+from orchestrator.report.document import answer_lines, results_markdown
 from orchestrator.report.plots import write_plots
-from orchestrator.report.table import csv_text, rich_table
+from orchestrator.report.table import LAYOUTS, csv_text, rich_table
 
 __all__ = ["ReportPaths", "StudyResults", "write_report"]
 
@@ -54,10 +54,13 @@ def print_results(results: StudyResults, console: Console) -> None:
     if not results.arms:
         console.print(Text(f"{results.run['run_id']}: no arm runs", style="bold"))
     else:
-        table = rich_table(results)
-        if console.measure(table, options=console.options.update_width(1 << 16)).minimum > console.width:
-            table = rich_table(results, compact=True)
+        for layout in LAYOUTS:   # the fullest table that fits the terminal (the narrowest one when none does)
+            table = rich_table(results, layout)
+            if console.measure(table, options=console.options.update_width(1 << 16)).minimum <= console.width:
+                break
         console.print(table)
+        for line in answer_lines(results):
+            console.print(Text(line, style="bold" if line.startswith("Better") else None))
     if results.hardware_warning:
         console.print(Text(f"warning: {results.hardware_warning}", style="yellow"))
     for seed in results.upstream:

@@ -2,7 +2,8 @@
 
 Summary metrics come from each arm run's `summary.json`, key by key falling back to the last
 metrics the ledger holds. Statistics are over the seeds that succeeded, with the sample standard
-deviation (ddof=1). Compute time is wall time of every attempt x the resources it held.
+deviation (ddof=1); each arm is compared with the baseline seed by seed (verdicts.py). Compute time is
+wall time of every attempt x the resources it held.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.ledger import ACTIVE_STATES, Ledger
-from orchestrator.trainer_registry import load_trainer
+from orchestrator.report.verdicts import Verdict, compare_to_baseline
+from orchestrator.trainer_registry import TrainerInfo, load_trainer
 
 BROKEN_STATES = ("failed", "diverged", "cancelled")
 STATE_ORDER = ("succeeded", "diverged", "failed", "cancelled", "pending") + ACTIVE_STATES
@@ -70,10 +72,13 @@ class ArmResult:
     description: str
     seeds: list[SeedResult]
     stats: dict[str, Stat] = field(default_factory=dict)
-    delta: float | None = None                  # primary metric: this arm's mean - the baseline's mean
-    delta_in_baseline_std: float | None = None  # delta / the baseline's std (None when that std is 0 or unknown)
+    verdict: Verdict | None = None   # the primary metric compared with the baseline (None: no comparison possible)
     is_baseline: bool = False
-    is_best: bool = False
+
+    @property
+    def starred(self) -> bool:
+        """Only an arm found better than the baseline gets the star."""
+        return self.verdict is not None and self.verdict.verdict == "better"
 
     @property
     def succeeded(self) -> list[SeedResult]:
@@ -98,6 +103,10 @@ class ArmResult:
     def count(self, state: str) -> int:
         return self.state_counts.get(state, 0)
 
+    def primary_values(self, primary: str) -> dict[int, float]:
+        """Seed -> primary metric of this arm's succeeded seeds that report it."""
+        return {s.row["seed"]: s.values[primary] for s in self.succeeded if primary in s.values}
+
 
 @dataclass
 class StudyResults:
@@ -111,6 +120,10 @@ class StudyResults:
     upstream: list[SeedResult]
     hardware_warning: str | None
     notes: list[str]
+    upstream_metrics: dict[str, dict[str, str | None]] = field(default_factory=dict)  # trainer -> its metrics
+    upstream_users: dict[int, list[str]] = field(default_factory=dict)   # upstream arm_runs.id -> arms using it
+    seed_randomises: dict[str, list[str]] = field(default_factory=dict)  # trainer -> what a seed changes
+    seed_rounds: list[str] = field(default_factory=list)   # why adaptive seeds were added or stopped, in order
 
     @property
     def seeds(self) -> list[SeedResult]:
@@ -142,19 +155,57 @@ def collect_results(ledger: Ledger, run_id: str, run_dir: Path) -> StudyResults:
     upstream = [_seed_result(ledger, row, run_dir, now, with_metric_rows=False)
                 for row in ledger.arm_runs(run_id, kind="upstream")]
 
-    metrics = _metric_directions(run, [s for arm in arms.values() for s in arm.succeeded])
+    trainers = _trainer_infos([run["trainer"]] + [s.row["trainer"] for arm in arms.values() for s in arm.seeds]
+                              + [s.row["trainer"] for s in upstream])
+    arm_seeds = [s for arm in arms.values() for s in arm.seeds]
+    metrics = _declared_metrics(trainers, [run["trainer"]] + [s.row["trainer"] for s in arm_seeds], arm_seeds)
     primary = run["metric"]
-    mode = (run["metric_mode"] or metrics.get(primary)) if primary else None
+    if primary:
+        metrics = {primary: run["metric_mode"] or metrics.get(primary),
+                   **{k: v for k, v in metrics.items() if k != primary}}
+    mode = metrics[primary] if primary else None
     results = StudyResults(run=run, description=str(spec.get("description") or ""), metrics=metrics,
                            primary=primary, mode=mode, baseline=run["baseline"], arms=list(arms.values()),
                            upstream=upstream, hardware_warning=None, notes=[])
     for arm in results.arms:
         arm.stats = {m: Stat.of([s.values[m] for s in arm.succeeded if m in s.values]) for m in metrics}
     _compare_with_baseline(results)
-    _mark_best(results)
+    results.upstream_metrics = {name: _declared_metrics(trainers, [name], upstream)
+                                for name in dict.fromkeys(s.row["trainer"] for s in upstream)}
+    results.upstream_users = _upstream_users(results.arms)
+    used = dict.fromkeys([s.row["trainer"] for s in results.seeds] + [s.row["trainer"] for s in upstream])
+    results.seed_randomises = {name: trainers[name].seed_randomises for name in used
+                               if name in trainers and trainers[name].seed_randomises}
     results.hardware_warning = hardware_warning(results.arms)
+    results.seed_rounds = [_event_reason(event) for event in ledger.events(run_id, "seeds.")]
     results.notes = _notes(results)
     return results
+
+
+def _trainer_infos(names: list[str]) -> dict[str, TrainerInfo]:
+    """The trainers that can be loaded (a report of an old run may name one that no longer exists)."""
+    infos = {}
+    for name in dict.fromkeys(names):
+        try:
+            infos[name] = load_trainer(name)
+        except (UserError, ImportError):
+            pass
+    return infos
+
+
+def _upstream_users(arms: list[ArmResult]) -> dict[int, list[str]]:
+    users: dict[int, list[str]] = {}
+    for arm in arms:
+        for seed in arm.seeds:
+            for upstream_id in json.loads(seed.row.get("upstream_ids") or "{}").values():
+                if arm.name not in users.setdefault(upstream_id, []):
+                    users[upstream_id].append(arm.name)
+    return users
+
+
+def _event_reason(event: dict) -> str:
+    detail = json.loads(event["detail_json"] or "{}")
+    return str(detail.get("reason") or f"{event['kind']}: {detail}")
 
 
 def _read_spec(path: Path) -> dict:
@@ -200,18 +251,19 @@ def finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _metric_directions(run: dict, succeeded: list[SeedResult]) -> dict[str, str | None]:
-    """The trainer's METRICS (or, when it cannot be loaded, the numbers its summaries hold), primary first."""
-    try:
-        declared: dict[str, str | None] = dict(load_trainer(run["trainer"]).metrics)
-    except (UserError, ImportError):
-        declared = {}
-        for seed in succeeded:
-            declared.update({k: None for k in seed.values if k not in BOOKKEEPING_KEYS and k not in declared})
-    primary = run["metric"]
-    if not primary:
-        return declared
-    return {primary: run["metric_mode"] or declared.get(primary), **{k: v for k, v in declared.items() if k != primary}}
+def _declared_metrics(trainers: dict[str, TrainerInfo], names: list[str],
+                      seeds: list[SeedResult]) -> dict[str, str | None]:
+    """Metric -> direction: the METRICS of the named trainers, or for one that cannot be loaded the numbers its
+    succeeded seeds' summaries hold (direction None)."""
+    declared: dict[str, str | None] = {}
+    for name in dict.fromkeys(names):
+        if name in trainers:
+            found = trainers[name].metrics
+        else:
+            found = {k: None for s in seeds if s.row["trainer"] == name and s.state == "succeeded"
+                     for k in s.values if k not in BOOKKEEPING_KEYS}
+        declared.update({k: v for k, v in found.items() if k not in declared})
+    return declared
 
 
 def _compare_with_baseline(results: StudyResults) -> None:
@@ -219,28 +271,12 @@ def _compare_with_baseline(results: StudyResults) -> None:
     if baseline is None:
         return
     baseline.is_baseline = True
-    if results.primary is None:
+    if results.primary is None or results.mode not in ("min", "max") or not baseline.primary_values(results.primary):
         return
-    reference = baseline.stats[results.primary]
-    if reference.mean is None:
-        return
+    verdicts = compare_to_baseline({arm.name: arm.primary_values(results.primary) for arm in results.arms},
+                                   baseline.name, results.mode)
     for arm in results.arms:
-        mean = arm.stats[results.primary].mean
-        if mean is None:
-            continue
-        arm.delta = mean - reference.mean
-        if reference.std:
-            arm.delta_in_baseline_std = arm.delta / reference.std
-
-
-def _mark_best(results: StudyResults) -> None:
-    if results.primary is None or results.mode not in ("min", "max"):
-        return
-    scored = [a for a in results.arms if a.stats[results.primary].mean is not None]
-    if len(scored) < 2:
-        return
-    pick = min if results.mode == "min" else max
-    pick(scored, key=lambda a: a.stats[results.primary].mean).is_best = True
+        arm.verdict = verdicts[arm.name]
 
 
 def hardware_warning(arms: list[ArmResult]) -> str | None:
@@ -278,7 +314,9 @@ def _notes(results: StudyResults) -> list[str]:
                      f"these results are partial; time of running attempts counts up to now")
     baseline = next((a for a in results.arms if a.is_baseline), None)
     if results.baseline and baseline is None:
-        notes.append(f"baseline {results.baseline!r} is not an arm of this run: no deltas")
+        notes.append(f"baseline {results.baseline!r} is not an arm of this run: no verdicts")
     elif baseline is not None and results.primary and baseline.stats[results.primary].mean is None:
-        notes.append(f"baseline {results.baseline!r} has no succeeded seed with {results.primary}: no deltas")
+        notes.append(f"baseline {results.baseline!r} has no succeeded seed with {results.primary}: no verdicts")
+    elif baseline is not None and results.primary and results.mode not in ("min", "max"):
+        notes.append(f"the direction of {results.primary} is unknown (no metric mode): no verdicts")
     return notes

@@ -10,17 +10,43 @@ from rich.table import Table
 from rich.text import Text
 
 from orchestrator.report.collect import STATE_ORDER, ArmResult, SeedResult, StudyResults
+from orchestrator.report.verdicts import ALPHA, CONFIDENCE, Verdict
 
 BEST_MARK = "★"
 ARROWS = {"min": "↓", "max": "↑"}
+TEXT_COLUMNS = ("Arm", "Seeds", "Verdict", "Hardware")   # left-aligned; every other column holds numbers
+WRAPPING_COLUMNS = ("Seeds", "Hardware")                  # the only columns that wrap on a narrow terminal
+# How much of the table to show: everything (results.md, wide terminals); the primary metric, verdict,
+# difference, n, seed states and hours; or only the arm, n, primary metric, verdict and difference.
+LAYOUTS = ("full", "compact", "narrow")
 
 
 def format_number(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def format_signed(value: float, digits: int = 3) -> str:
+    return f"{value:+.{digits}g}"
+
+
 def format_hours(hours: float) -> str:
     return "0" if hours == 0 else f"{hours:.3g}"
+
+
+def format_p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def format_diff(verdict: Verdict) -> str:
+    """'+0.031 [+0.012, +0.05]': the mean paired difference and its interval (no interval with one seed)."""
+    if verdict.diff_mean is None:
+        return "—"
+    text = format_signed(verdict.diff_mean)
+    if verdict.ci_low is not None and verdict.ci_high is not None:
+        text += f" [{format_signed(verdict.ci_low)}, {format_signed(verdict.ci_high)}]"
+    return text
 
 
 def state_counts(seeds: list[SeedResult]) -> str:
@@ -31,24 +57,35 @@ def state_counts(seeds: list[SeedResult]) -> str:
     return ", ".join(f"{counts[state]} {state}" for state in ordered)
 
 
-def has_delta_columns(results: StudyResults) -> bool:
-    return bool(results.baseline and results.primary)
+def has_verdicts(results: StudyResults) -> bool:
+    return any(arm.verdict is not None for arm in results.arms)
 
 
-def table_columns(results: StudyResults, compact: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Headers and one row of cells per arm, shared by the markdown and the terminal table.
-    `compact` keeps the primary metric alone and leaves the hardware out (for a narrow terminal)."""
-    shown = [results.primary] if compact and results.primary else shown_metrics(results)
-    headers = ["Arm", "Seeds"] + [f"{m} {ARROWS.get(results.metrics[m] or '', '')}".rstrip() for m in shown]
-    if has_delta_columns(results):
-        headers += ["Δ", "Δ/σ"] if compact else [f"Δ {results.primary}", "Δ / baseline σ"]
-    if results.uses_gpus:
-        headers.append("GPU-h")
-    if results.uses_cpu_only:
-        headers.append("CPU-h")
-    if not compact:
+def seeds_compared(results: StudyResults, arm: ArmResult) -> int:
+    """n: the seeds behind the arm's verdict (paired with the baseline), else its seeds with the primary metric."""
+    if arm.verdict is not None:
+        return arm.verdict.n
+    if results.primary:
+        return arm.stats[results.primary].n
+    return len(arm.succeeded)
+
+
+def table_columns(results: StudyResults, layout: str = "full") -> tuple[list[str], list[list[str]]]:
+    """Headers and one row of cells per arm, shared by the markdown and the terminal table (see LAYOUTS)."""
+    full = layout == "full"
+    shown = shown_metrics(results) if full or not results.primary else [results.primary]
+    headers = ["Arm"] + (["Seeds"] if layout != "narrow" else []) + ["n"]
+    headers += [f"{m} {ARROWS.get(results.metrics[m] or '', '')}".rstrip() for m in shown]
+    if has_verdicts(results):
+        headers += ["Verdict", f"diff {results.primary} [{CONFIDENCE:.0%} CI]" if full else
+                    f"diff [{CONFIDENCE:.0%} CI]"]
+        if full:
+            headers += ["Wins", "p (Holm)"]
+    if layout != "narrow":
+        headers += (["GPU-h"] if results.uses_gpus else []) + (["CPU-h"] if results.uses_cpu_only else [])
+    if full:
         headers.append("Hardware")
-    return headers, [_row_cells(results, arm, shown, compact) for arm in results.arms]
+    return headers, [_row_cells(results, arm, shown, layout) for arm in results.arms]
 
 
 def shown_metrics(results: StudyResults) -> list[str]:
@@ -56,8 +93,10 @@ def shown_metrics(results: StudyResults) -> list[str]:
     return [m for m in results.metrics if m == results.primary or any(arm.stats[m].n for arm in results.arms)]
 
 
-def _row_cells(results: StudyResults, arm: ArmResult, shown: list[str], compact: bool) -> list[str]:
-    cells = [arm.name + (f" {BEST_MARK}" if arm.is_best else ""), state_counts(arm.seeds)]
+def _row_cells(results: StudyResults, arm: ArmResult, shown: list[str], layout: str) -> list[str]:
+    full = layout == "full"
+    cells = [arm.name + (f" {BEST_MARK}" if arm.starred else "")]
+    cells += ([state_counts(arm.seeds)] if layout != "narrow" else []) + [str(seeds_compared(results, arm))]
     for metric in shown:
         stat = arm.stats[metric]
         if stat.mean is None:
@@ -69,17 +108,18 @@ def _row_cells(results: StudyResults, arm: ArmResult, shown: list[str], compact:
         if stat.n < len(arm.succeeded):  # some succeeded seeds did not report this metric
             cell += f" (n={stat.n})"
         cells.append(cell)
-    if has_delta_columns(results):
-        if arm.delta is None:
-            cells += ["—", "—"]
+    if has_verdicts(results):
+        verdict = arm.verdict
+        if verdict is None or verdict.verdict == "baseline":
+            cells += ["baseline" if verdict else "—", "—"] + (["—", "—"] if full else [])
         else:
-            cells.append("0 (baseline)" if arm.is_baseline else f"{arm.delta:+.3g}")
-            cells.append("n/a" if arm.delta_in_baseline_std is None else f"{arm.delta_in_baseline_std:+.2f}")
-    if results.uses_gpus:
-        cells.append(format_hours(arm.gpu_hours))
-    if results.uses_cpu_only:
-        cells.append(format_hours(arm.cpu_hours))
-    if not compact:
+            cells += [verdict.verdict, format_diff(verdict)]
+            if full:
+                cells += [verdict.wins_text, format_p(verdict.p_adjusted)]
+    if layout != "narrow":
+        cells += ([format_hours(arm.gpu_hours)] if results.uses_gpus else [])
+        cells += ([format_hours(arm.cpu_hours)] if results.uses_cpu_only else [])
+    if full:
         cells.append(", ".join(arm.hardware) or "—")
     return cells
 
@@ -88,11 +128,14 @@ def table_legend(results: StudyResults) -> str:
     parts = ["Metrics: mean ± sample standard deviation (ddof=1) over the seeds that succeeded "
              "(no ± with one seed; n= where fewer seeds reported the metric); "
              "↓ lower is better, ↑ higher is better."]
-    if has_delta_columns(results):
-        parts.append(f"Δ: arm mean − baseline mean of {results.primary}; Δ / baseline σ: Δ in units of the "
-                     f"baseline's standard deviation (n/a when that is 0 or the baseline has one seed).")
-    if any(arm.is_best for arm in results.arms):
-        parts.append(f"{BEST_MARK}: best arm for {results.primary}.")
+    if has_verdicts(results):
+        parts.append(f"n: seeds compared with {results.baseline}, paired by seed. "
+                     f"diff: mean over those seeds of (arm − {results.baseline}) in {results.primary}, with its "
+                     f"{CONFIDENCE:.0%} Student t interval. Wins: seeds where the arm beats {results.baseline}. "
+                     f"p (Holm): two-sided paired t-test, Holm-adjusted over the arms. "
+                     f"Verdict: better or worse when p (Holm) < {ALPHA}, else inconclusive.")
+    if any(arm.starred for arm in results.arms):
+        parts.append(f"{BEST_MARK}: verdict better than {results.baseline}.")
     if results.uses_gpus:
         parts.append("GPU-h: wall time of every attempt × GPUs it held.")
     if results.uses_cpu_only:
@@ -100,65 +143,74 @@ def table_legend(results: StudyResults) -> str:
     return " ".join(parts)
 
 
-def numeric_columns(headers: list[str]) -> range:
-    """Metrics, deltas and hours: after the arm and its seeds, before the hardware (if shown); right-aligned."""
-    return range(2, len(headers) - 1 if headers[-1] == "Hardware" else len(headers))
+def numeric_columns(headers: list[str]) -> set[int]:
+    """The columns holding numbers (right-aligned): all but the arm, its seeds' states, verdict and hardware."""
+    return {i for i, header in enumerate(headers) if header not in TEXT_COLUMNS}
 
 
-def markdown_table(headers: list[str], rows: list[list[str]], right_aligned: range | tuple = ()) -> str:
+def markdown_table(headers: list[str], rows: list[list[str]], right_aligned: set[int] | range | tuple = ()) -> str:
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
     align = ["---:" if i in right_aligned else "---" for i in range(len(headers))]
     return "\n".join([line(headers), "|" + "|".join(align) + "|"] + [line(r) for r in rows])
 
 
-def rich_table(results: StudyResults, compact: bool = False) -> Table:
-    headers, rows = table_columns(results, compact)
+def rich_table(results: StudyResults, layout: str = "full") -> Table:
+    headers, rows = table_columns(results, layout)
     run = results.run
     table = Table(title=Text(f"{run['name']} · {run['run_id']} · {run['state']}", style="bold"),
-                  box=box.SIMPLE_HEAVY, caption=Text(_short_legend(results, compact), style="dim"),
-                  caption_justify="left", pad_edge=False)
+                  box=box.SIMPLE_HEAVY, caption=Text(_short_legend(results, layout), style="dim"),
+                  caption_justify="left", pad_edge=False, show_edge=False, collapse_padding=True)
+    numeric = numeric_columns(headers)
     for i, header in enumerate(headers):
-        numeric = i in numeric_columns(headers)
-        widest = max([len(cells[i]) for cells in rows] + [len(header) if numeric else 0])
-        # Arm names, numbers and their headers keep their width on a narrow terminal; states and hardware wrap.
-        table.add_column(Text(header), justify="right" if numeric else "left", overflow="fold",
-                         min_width=widest if numeric or i == 0 else None)
+        wraps = header in WRAPPING_COLUMNS
+        widest = max([len(cells[i]) for cells in rows] + [0 if wraps or i == 0 else len(header)])
+        # Arm names, numbers, verdicts and their headers keep their width on a narrow terminal; states and
+        # hardware wrap.
+        table.add_column(Text(header), justify="right" if i in numeric else "left", overflow="fold",
+                         min_width=None if wraps else widest)
     for arm, cells in zip(results.arms, rows):
-        table.add_row(*[Text(c) for c in cells], style="bold" if arm.is_best else None)
+        table.add_row(*[Text(c) for c in cells], style="bold" if arm.starred else None)
     return table
 
 
-def _short_legend(results: StudyResults, compact: bool) -> str:
+def _short_legend(results: StudyResults, layout: str) -> str:
     parts = ["mean ± sample std (ddof=1) over succeeded seeds"]
-    if compact:
-        parts.append("other metrics and hardware: results.md")
-    if any(arm.is_best for arm in results.arms):
-        parts.append(f"{BEST_MARK} best {results.primary}")
-    if has_delta_columns(results):
-        parts.append(f"Δ = arm − {results.baseline}, σ = std of {results.baseline}")
+    if layout != "full":
+        parts.append("other metrics, wins, p and hardware: results.md")
+    if has_verdicts(results):
+        parts.append(f"diff = arm − {results.baseline} over n paired seeds, {CONFIDENCE:.0%} t interval")
+    if any(arm.starred for arm in results.arms):
+        parts.append(f"{BEST_MARK} better than {results.baseline}")
     return " · ".join(parts)
 
 
 def csv_text(results: StudyResults) -> str:
     """One row per arm; empty cells where a value does not exist (no seed succeeded, one seed, no baseline)."""
-    columns = ["arm", "is_baseline", "is_best", "n_seeds", "n_succeeded", "n_failed", "n_diverged",
-               "n_cancelled", "n_unfinished"]
+    columns = ["arm", "is_baseline", "verdict", "n_paired", "diff_mean", "diff_ci_low", "diff_ci_high",
+               "diff_bca_low", "diff_bca_high", "p_value", "p_adjusted", "wins", "verdict_note",
+               "n_seeds", "n_succeeded", "n_failed", "n_diverged", "n_cancelled", "n_unfinished"]
     for metric in results.metrics:
         columns += [f"{metric}_mean", f"{metric}_std", f"{metric}_n"]
-    columns += ["delta", "delta_in_baseline_std", "gpu_hours", "cpu_hours", "hardware"]
+    columns += ["gpu_hours", "cpu_hours", "hardware"]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for arm in results.arms:
         finished = sum(arm.count(s) for s in ("succeeded", "failed", "diverged", "cancelled"))
-        row = {"arm": arm.name, "is_baseline": int(arm.is_baseline), "is_best": int(arm.is_best),
+        row = {"arm": arm.name, "is_baseline": int(arm.is_baseline),
                "n_seeds": len(arm.seeds), "n_succeeded": arm.count("succeeded"), "n_failed": arm.count("failed"),
                "n_diverged": arm.count("diverged"), "n_cancelled": arm.count("cancelled"),
                "n_unfinished": len(arm.seeds) - finished,
-               "delta": _csv_float(arm.delta), "delta_in_baseline_std": _csv_float(arm.delta_in_baseline_std),
                "gpu_hours": _csv_float(arm.gpu_hours), "cpu_hours": _csv_float(arm.cpu_hours),
                "hardware": "; ".join(arm.hardware)}
+        if arm.verdict is not None:
+            v = arm.verdict
+            row.update({"verdict": v.verdict, "n_paired": v.n, "diff_mean": _csv_float(v.diff_mean),
+                        "diff_ci_low": _csv_float(v.ci_low), "diff_ci_high": _csv_float(v.ci_high),
+                        "diff_bca_low": _csv_float(v.bca_low), "diff_bca_high": _csv_float(v.bca_high),
+                        "p_value": _csv_float(v.p_value), "p_adjusted": _csv_float(v.p_adjusted),
+                        "wins": "" if v.verdict == "baseline" else v.wins_text, "verdict_note": v.note})
         for metric, stat in arm.stats.items():
             row[f"{metric}_mean"] = _csv_float(stat.mean)
             row[f"{metric}_std"] = _csv_float(stat.std)
