@@ -14,7 +14,8 @@ from rich.table import Table
 
 from orchestrator import paths
 from orchestrator.errors import UserError
-from orchestrator.ledger import FINAL_STATES, Ledger
+from orchestrator.ledger import (FINAL_STATES, RUN_FINAL_STATES, IllegalTransition, Ledger, RunClaimed,
+                                 orchestrator_alive)
 
 DEFAULT_EXPORTER_PORT = 9108
 DEFAULT_ABLATION_METRICS_PORT = 9109
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_ABLATION_METRICS_PORT)
     p.add_argument("--allow-dirty", action="store_true")
+    p.add_argument("--allow-code-change", action="store_true",
+                   help="continue on code other than the run started with (recorded in the ledger and the report)")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("cancel", help="stop a run's arms and tear its instances down")
@@ -73,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detail", action="store_true", help="one line per attempt and overhead")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("reap", help="destroy instances labelled as ours that no live run owns")
+    p = sub.add_parser("reap", help="destroy this ledger's instances that no live run owns")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--instance", action="append", metavar="ID",
+                   help="destroy this instance (provider id) whoever owns it; repeatable")
     p.add_argument("--server-url", help="Vast API URL (default: the SDK's, or VAST_URL)")
     p.set_defaults(func=cmd_reap)
 
@@ -141,29 +146,51 @@ def cmd_ablation(args) -> int:
 
 
 def cmd_resume(args) -> int:
-    from orchestrator.runs import orchestrator_alive, settle_orphans
+    from orchestrator.runs import settle_orphans
     from orchestrator.spec import Study
     import yaml
 
     ledger = Ledger(paths.ledger_path(), create=False)
     run = ledger.get_run(args.run_id)
-    if orchestrator_alive(run):
-        raise UserError(f"run {args.run_id} is being driven by pid {run['orchestrator_pid']}; "
-                        f"`armature cancel {args.run_id}` stops it")
-    if run["state"] in ("finished", "cancelled"):
+    if run["state"] in RUN_FINAL_STATES:
         raise UserError(f"run {args.run_id} is {run['state']}; nothing to resume")
-    run_dir = paths.run_dir(args.run_id)
-    spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
-    study = Study.model_validate({k: v for k, v in spec.items() if k not in ("source", "git")})
-    adopt = settle_orphans(ledger, args.run_id)
-    backend = _make_backend(run["backend"], study, ledger, args.run_id, run_dir, args)
+    ledger.claim_run(args.run_id)           # atomic: a second `resume` of the run stops here
+    try:
+        code_event = _code_change_event(run, args.allow_code_change)
+        run_dir = paths.run_dir(args.run_id)
+        spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
+        study = Study.model_validate({k: v for k, v in spec.items() if k not in ("source", "git")})
+        adopt = settle_orphans(ledger, args.run_id)
+        backend = _make_backend(run["backend"], study, ledger, args.run_id, run_dir, args)
+        backend.start()
+    except BaseException:
+        ledger.set_run_state(args.run_id, run["state"])      # hand the run back as it was
+        raise
+    if code_event:
+        ledger.event(args.run_id, "run.code_change", **code_event)
     console = Console()
-    backend.start()
     try:
         state = _execute(ledger, args.run_id, study, backend, run_dir, args, console, adopt=adopt)
     finally:
         backend.shutdown()
     return _conclude(ledger, args.run_id, run_dir, state, backend, console)
+
+
+def _code_change_event(run: dict, allow_code_change: bool) -> dict | None:
+    """Refuse to resume on other code than the run started with, unless allowed. Returns None for the same
+    code, else the detail of the `run.code_change` event to record (the report shows its text)."""
+    from orchestrator.gitinfo import code_change, code_version
+
+    now = code_version()
+    change = code_change(run["git_commit"], run["git_diff_hash"], now)
+    if change is None:
+        return None
+    if not allow_code_change:
+        raise UserError(f"run {run['run_id']}: {change}. Resuming would train its remaining arms on other code "
+                        f"than the arms that already ran. Check out the run's code again, or pass "
+                        f"--allow-code-change to go on with this code (recorded in the ledger and the report)")
+    return dict(text=f"resumed on other code (--allow-code-change): {change}", from_commit=run["git_commit"],
+                from_diff_hash=run["git_diff_hash"], to_commit=now["commit"], to_diff_hash=now["diff_hash"])
 
 
 def _make_backend(name: str, study, ledger: Ledger, run_id: str, run_dir: Path, args):
@@ -297,18 +324,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from orchestrator.runs import orchestrator_alive, settle_orphans
+    from orchestrator.runs import settle_orphans
 
     ledger = Ledger(paths.ledger_path(), create=False)
     run = ledger.get_run(args.run_id)
-    if run["state"] in ("finished", "cancelled"):
+    if run["state"] in RUN_FINAL_STATES:
         print(f"run {args.run_id} is already {run['state']}")
         return 0
     ledger.request_cancel(args.run_id)
-    if orchestrator_alive(run):
-        print(f"asked the orchestrator (pid {run['orchestrator_pid']}) to cancel {args.run_id}; waiting")
-        while ledger.get_run(args.run_id)["state"] == "running" and orchestrator_alive(ledger.get_run(args.run_id)):
-            time.sleep(0.5)
+    if not _wait_or_claim(ledger, args.run_id):
         print(f"run {args.run_id}: {ledger.get_run(args.run_id)['state']}")
         return 0
     settle_orphans(ledger, args.run_id)
@@ -324,11 +348,34 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def _wait_or_claim(ledger: Ledger, run_id: str) -> bool:
+    """After a cancel request: wait while a live orchestrator acts on it. Returns False once the run has
+    ended, True once this process holds the run (its orchestrator stopped without ending it, or is dead)."""
+    told = False
+    while True:
+        run = ledger.get_run(run_id)
+        if run["state"] in RUN_FINAL_STATES:
+            return False
+        if orchestrator_alive(run):
+            if not told:
+                print(f"asked the orchestrator (pid {run['orchestrator_pid']}) to cancel {run_id}; waiting")
+                told = True
+            time.sleep(0.5)
+            continue
+        try:
+            ledger.claim_run(run_id)
+            return True
+        except (RunClaimed, IllegalTransition):
+            continue                # a resume took it meanwhile (it sees the request), or the run just ended
+
+
 def _teardown_instances(ledger: Ledger, run_id: str, server_url: str | None) -> None:
     from orchestrator.backends.vast.provider import make_client
     from orchestrator.backends.vast.reap import reap
 
     for entry in reap(make_client(server_url), ledger, only_run=run_id):
+        if entry["foreign"]:
+            continue
         print(f"destroyed instance {entry['provider_instance_id']} ({entry['label']}): "
               f"{'confirmed' if entry['destroyed'] else 'NOT confirmed; run `armature reap`'}")
 
@@ -356,15 +403,25 @@ def cmd_cost(args) -> int:
 
 def cmd_reap(args) -> int:
     from orchestrator.backends.vast.provider import make_client
-    from orchestrator.backends.vast.reap import reap
+    from orchestrator.backends.vast.reap import reap, reap_keys
 
-    found = reap(make_client(args.server_url), Ledger(paths.ledger_path()), dry_run=args.dry_run)
-    if not found:
+    client, ledger = make_client(args.server_url), Ledger(paths.ledger_path())
+    found = reap(client, ledger, dry_run=args.dry_run, instances=set(args.instance) if args.instance else None)
+    if not any(args.instance or not entry["foreign"] for entry in found):
         print("no orphaned armature instances")
     for entry in found:
         outcome = {None: "would destroy", True: "destroyed (confirmed)", False: "destroy NOT confirmed"}
+        if entry["foreign"] and not args.instance:
+            print(f"not this ledger's, left alone: instance {entry['provider_instance_id']} {entry['label']} "
+                  f"({entry['status']}): {entry['reason']}; `armature reap --instance "
+                  f"{entry['provider_instance_id']}` destroys it")
+            continue
         print(f"{outcome[entry['destroyed']]}: instance {entry['provider_instance_id']} {entry['label']} "
               f"({entry['status']}, ${entry['dph_total'] or 0:.3f}/h): {entry['reason']}")
+    if not args.instance:
+        for key in reap_keys(client, ledger, dry_run=args.dry_run):
+            print(f"{'removed' if key['removed'] else 'would remove'}: SSH key {key['key_id']} of run "
+                  f"{key['run_id']} from the account: {key['reason']}")
     return 1 if any(entry["destroyed"] is False for entry in found) else 0
 
 

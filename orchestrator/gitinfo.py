@@ -34,3 +34,18 @@ def code_version(cwd: Path = REPO_ROOT) -> dict:
         except OSError:
             pass
     return {"commit": commit.strip(), "dirty": True, "diff_hash": digest.hexdigest()[:16]}
+
+
+def describe_code(commit: str | None, diff_hash: str | None) -> str:
+    if commit is None:
+        return "code outside any git checkout"
+    short = f"commit {commit[:12]}"
+    return f"{short} with uncommitted changes (diff {diff_hash})" if diff_hash else short
+
+
+def code_change(recorded_commit: str | None, recorded_diff_hash: str | None, now: dict) -> str | None:
+    """None when `now` (a code_version()) is the code a run recorded; else what changed, in words."""
+    if (recorded_commit, recorded_diff_hash) == (now["commit"], now["diff_hash"]):
+        return None
+    return (f"the run started on {describe_code(recorded_commit, recorded_diff_hash)}; "
+            f"the code is now {describe_code(now['commit'], now['diff_hash'])}")

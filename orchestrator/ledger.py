@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from orchestrator.errors import UserError
+from orchestrator.procs import command_line, process_start_time, same_process_alive
 
 SCHEMA_VERSION = 1
 
@@ -30,9 +32,68 @@ SCHEMA_VERSION = 1
 ACTIVE_STATES = ("provisioning", "deploying", "running", "collecting")
 FINAL_STATES = ("succeeded", "failed", "diverged", "cancelled")
 ARM_STATES = ("pending",) + ACTIVE_STATES + FINAL_STATES
+FAILURE_ENDS = ("failed", "diverged", "cancelled")
 
-# Run states.
+
+def _arm_moves(state: str) -> tuple[str, ...]:
+    """Where an arm run may go from `state`: forward through the active states (a local attempt skips
+    provisioning and deploying; repeating a state re-records it), back to pending for a retry or a resume,
+    to a failure end from anywhere unfinished, to succeeded only once collected; never out of a final state."""
+    if state in FINAL_STATES:
+        return ()
+    forward = ACTIVE_STATES[ACTIVE_STATES.index(state):] if state in ACTIVE_STATES else ACTIVE_STATES
+    collected = ("succeeded",) if state == "collecting" else ()
+    return ("pending",) + forward + collected + FAILURE_ENDS
+
+
+ARM_MOVES = {state: _arm_moves(state) for state in ARM_STATES}
+
+# Run states. `running` -> `running` is a driver claiming the run again (resume, or the scheduler after the CLI).
 RUN_STATES = ("running", "interrupted", "finished", "failed", "cancelled")
+RUN_FINAL_STATES = ("finished", "cancelled")
+RUN_MOVES = {
+    "running": ("running", "interrupted", "finished", "failed", "cancelled"),
+    "interrupted": ("running", "cancelled"),
+    "failed": ("running", "cancelled"),
+    "finished": (),
+    "cancelled": (),
+}
+
+
+class LedgerError(UserError):
+    """A change the ledger refuses; nothing was written."""
+
+
+class IllegalTransition(LedgerError):
+    """A state change the arm run or run state machine does not allow."""
+
+
+class RunClaimed(LedgerError):
+    """Another live orchestrator drives the run."""
+
+
+def _check_move(what: str, moves: dict, from_state: str, to_state: str) -> None:
+    if to_state not in moves:
+        raise IllegalTransition(f"{what}: unknown state {to_state!r}; states are {', '.join(moves)}")
+    if to_state not in moves[from_state]:
+        allowed = ", ".join(moves[from_state]) or "nothing: it is a final state"
+        raise IllegalTransition(f"{what}: {from_state} -> {to_state} is not a legal move "
+                                f"(from {from_state}: {allowed})")
+
+
+def orchestrator_alive(run: dict) -> bool:
+    """Is the process recorded as driving this run still alive (on this host)?"""
+    pid = run["orchestrator_pid"]
+    if run["state"] != "running" or not pid or run["orchestrator_host"] != os.uname().nodename:
+        return False
+    if pid == os.getpid():
+        return True
+    if run.get("orchestrator_start_time"):
+        return same_process_alive(pid, run["orchestrator_start_time"])
+    # a row from before start times were recorded: the pid must still be an armature process
+    cmdline = command_line(pid)
+    return "armature" in cmdline or "orchestrator" in cmdline
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -54,6 +115,7 @@ CREATE TABLE IF NOT EXISTS runs (
     git_diff_hash TEXT,
     orchestrator_host TEXT,
     orchestrator_pid INTEGER,
+    orchestrator_start_time TEXT,              -- /proc start time of orchestrator_pid (a pid may be reused)
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
@@ -179,6 +241,10 @@ CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id);
 CREATE INDEX IF NOT EXISTS instances_by_run ON instances(run_id);
 """
 
+# Columns added to a schema version after ledgers of that version existed; added in place (older armatures
+# name their columns, so they keep working on the upgraded file).
+ADDED_COLUMNS = (("runs", "orchestrator_start_time", "TEXT"),)
+
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict:
     return {col[0]: value for col, value in zip(cursor.description, row)}
@@ -205,6 +271,20 @@ class Ledger:
         with self._lock:
             self._db.close()
 
+    def identity(self) -> str:
+        """This ledger's random id, made once and kept in `meta`: what it rents is labelled with it, so two
+        ledgers on one cloud account (two ARMATURE_HOMEs, two people) can tell their instances apart."""
+        row = self.query_one("SELECT value FROM meta WHERE key='ledger_id'")
+        if row is not None:
+            return row["value"]
+        with self.write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='ledger_id'").fetchone()
+            if row is not None:
+                return row["value"]
+            value = secrets.token_hex(6)
+            db.execute("INSERT INTO meta(key, value) VALUES ('ledger_id', ?)", (value,))
+            return value
+
     def _migrate(self) -> None:
         with self.write() as db:
             has_meta = db.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
@@ -222,11 +302,15 @@ class Ledger:
                     raise UserError(
                         f"{self.path}: ledger schema version {version} was written by an older armature "
                         f"(this one needs {SCHEMA_VERSION}); move it aside or point ARMATURE_HOME elsewhere")
+            # Every statement is IF NOT EXISTS: an existing ledger gains tables added since it was made.
+            # executescript() would commit mid-transaction: run the statements one by one.
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            for table, column, decl in ADDED_COLUMNS:
+                if column not in {c["name"] for c in db.execute(f"PRAGMA table_info({table})").fetchall()}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             if not has_meta:
-                # executescript() would commit mid-transaction: run the statements one by one.
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
                 db.execute("INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     @contextmanager
@@ -255,14 +339,20 @@ class Ledger:
     def create_run(self, run_id: str, *, name: str, trainer: str, backend: str, spec_path: str | None,
                    metric: str | None, metric_mode: str | None, baseline: str | None,
                    budget_dollars: float | None, git_commit: str | None, git_diff_hash: str | None) -> None:
+        """Add a run, claimed by this process (state running)."""
         now = time.time()
         with self.write() as db:
+            if db.execute("SELECT 1 FROM runs WHERE run_id=?", (run_id,)).fetchone():
+                raise LedgerError(f"run {run_id!r} exists already in {self.path}; "
+                                  f"`armature resume {run_id}` continues it")
             db.execute(
                 "INSERT INTO runs(run_id, name, trainer, backend, spec_path, state, metric, metric_mode, baseline,"
-                " budget_dollars, git_commit, git_diff_hash, orchestrator_host, orchestrator_pid, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " budget_dollars, git_commit, git_diff_hash, orchestrator_host, orchestrator_pid,"
+                " orchestrator_start_time, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, name, trainer, backend, spec_path, metric, metric_mode, baseline, budget_dollars,
-                 git_commit, git_diff_hash, os.uname().nodename, os.getpid(), now, now))
+                 git_commit, git_diff_hash, os.uname().nodename, os.getpid(), process_start_time(os.getpid()),
+                 now, now))
 
     def get_run(self, run_id: str) -> dict:
         row = self.query_one("SELECT * FROM runs WHERE run_id = ?", (run_id,))
@@ -275,19 +365,46 @@ class Ledger:
     def list_runs(self) -> list[dict]:
         return self.query("SELECT * FROM runs ORDER BY created_at")
 
+    def _run_row(self, db: sqlite3.Connection, run_id: str) -> dict:
+        row = db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return row if row is not None else self.get_run(run_id)      # get_run raises the clear error
+
     def set_run_state(self, run_id: str, state: str, *, claim: bool = False) -> None:
-        """Set a run's state; `claim` records this process as the one driving it."""
-        assert state in RUN_STATES, state
+        """Move a run to a new state (legal moves only); `claim=True` is `claim_run` (state running).
+
+        A run that stops without ending (interrupted, failed) drops a pending cancel request: it was
+        meant for that drive, and `armature cancel` finishes the job itself once the driver is gone.
+        """
+        if claim:
+            assert state == "running", state
+            self.claim_run(run_id)
+            return
         now = time.time()
         ended = now if state in ("finished", "failed", "cancelled") else None
         with self.write() as db:
-            if claim:
-                db.execute("UPDATE runs SET state=?, updated_at=?, ended_at=NULL, orchestrator_host=?, "
-                           "orchestrator_pid=?, cancel_requested=0 WHERE run_id=?",
-                           (state, now, os.uname().nodename, os.getpid(), run_id))
-            else:
-                db.execute("UPDATE runs SET state=?, updated_at=?, ended_at=? WHERE run_id=?",
-                           (state, now, ended, run_id))
+            row = self._run_row(db, run_id)
+            _check_move(f"run {run_id}", RUN_MOVES, row["state"], state)
+            cancel = 0 if state in ("interrupted", "failed") else row["cancel_requested"]
+            db.execute("UPDATE runs SET state=?, updated_at=?, ended_at=?, cancel_requested=? WHERE run_id=?",
+                       (state, now, ended, cancel, run_id))
+
+    def claim_run(self, run_id: str) -> None:
+        """Record this process as the one driving the run (state running), in one write transaction.
+
+        Refused (RunClaimed) while another live process drives it, so two `resume`s cannot both launch
+        its arms; refused (IllegalTransition) for a finished or cancelled run. A cancel requested
+        before the claim stays requested.
+        """
+        me = os.getpid()
+        with self.write() as db:
+            row = self._run_row(db, run_id)
+            if row["orchestrator_pid"] != me and orchestrator_alive(row):
+                raise RunClaimed(f"run {run_id} is being driven by pid {row['orchestrator_pid']} on "
+                                 f"{row['orchestrator_host']}; `armature cancel {run_id}` stops it")
+            _check_move(f"run {run_id}", RUN_MOVES, row["state"], "running")
+            db.execute("UPDATE runs SET state='running', updated_at=?, ended_at=NULL, orchestrator_host=?,"
+                       " orchestrator_pid=?, orchestrator_start_time=? WHERE run_id=?",
+                       (time.time(), os.uname().nodename, me, process_start_time(me), run_id))
 
     def request_cancel(self, run_id: str) -> None:
         with self.write() as db:
@@ -329,11 +446,17 @@ class Ledger:
 
     def transition(self, arm_run_id: int, to_state: str, reason: str | None = None,
                    attempt_id: int | None = None) -> None:
-        """Move an arm run to a new state and record the transition, in one transaction."""
-        assert to_state in ARM_STATES, to_state
+        """Move an arm run to a new state and record the transition, in one transaction.
+
+        Only the moves in ARM_MOVES are allowed; any other raises IllegalTransition and writes nothing.
+        """
         now = time.time()
         with self.write() as db:
-            row = db.execute("SELECT state FROM arm_runs WHERE id=?", (arm_run_id,)).fetchone()
+            row = db.execute("SELECT state, arm, seed FROM arm_runs WHERE id=?", (arm_run_id,)).fetchone()
+            if row is None:
+                raise LedgerError(f"no arm run {arm_run_id} in {self.path}")
+            _check_move(f"arm run {arm_run_id} ({row['arm']} seed {row['seed']})", ARM_MOVES, row["state"],
+                        to_state)
             db.execute("UPDATE arm_runs SET state=?, reason=?, updated_at=?, ended_at=? WHERE id=?",
                        (to_state, reason, now, now if to_state in FINAL_STATES else None, arm_run_id))
             db.execute("INSERT INTO transitions(arm_run_id, attempt_id, from_state, to_state, reason, at)"

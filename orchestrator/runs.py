@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,8 +11,9 @@ import time
 from pathlib import Path
 
 from orchestrator.errors import UserError
-from orchestrator.ledger import ACTIVE_STATES, Ledger
-from orchestrator.spec import Plan, spec_yaml
+from orchestrator.ledger import ACTIVE_STATES, Ledger, orchestrator_alive  # noqa: F401 (used by reap)
+from orchestrator.spec import Plan, PlannedUpstream, config_hash, replicate, spec_yaml, upstream_runs
+from orchestrator.trainer_registry import load_trainer
 
 ORPHAN_GRACE_SECONDS = 120
 
@@ -48,32 +50,54 @@ def create_run(ledger: Ledger, plan: Plan, run_id: str, run_dir: Path, backend: 
                       budget_dollars=study.budget.max_dollars, git_commit=code["commit"],
                       git_diff_hash=code["diff_hash"])
     resources = dict(gpus=gpus, cpus=study.resources.cpus, gpu_memory_gb=study.resources.gpu_memory_gb)
-    upstream_ids = {}
-    for up in plan.upstreams:
-        upstream_ids[up.config_hash] = ledger.add_arm_run(
-            run_id, arm=up.name, seed=up.config.get("seed", 0), kind="upstream", trainer=up.trainer,
-            config=up.config, config_hash=up.config_hash, out_dir=str(run_dir / "_upstream" / up.name),
-            total_steps=up.config.get("steps"), **resources)
+    upstream_ids = _add_upstream_runs(ledger, run_id, run_dir, plan.upstreams, {}, resources)
     for planned in plan.arm_runs:
         ledger.add_arm_run(
-            run_id, arm=planned.arm, seed=planned.seed, kind="arm", config=planned.config,
+            run_id, arm=planned.arm, seed=planned.seed, kind="arm", trainer=planned.trainer, config=planned.config,
             config_hash=planned.config_hash, out_dir=str(run_dir / planned.arm / f"seed{planned.seed}"),
             total_steps=planned.config.get("steps"),
             upstream_ids={f: upstream_ids[u.config_hash] for f, u in planned.upstream.items()}, **resources)
 
 
-def orchestrator_alive(run: dict) -> bool:
-    """Is the process recorded as driving this run still alive (on this host)?"""
-    pid = run["orchestrator_pid"]
-    if run["state"] != "running" or not pid or run["orchestrator_host"] != socket.gethostname():
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return "armature" in cmdline or "orchestrator" in cmdline
+def add_replicate(ledger: Ledger, run_id: str, run_dir: Path, arms: list[str], seed: int) -> list[int]:
+    """Plan seed `seed` of the given arms in a running study (adaptive seeds): each arm's config with seed=k and
+    data.draw=k, and the upstream runs it needs for that seed, reusing those the run has already. Returns the
+    new arm runs' ids (upstream runs first)."""
+    rows = ledger.arm_runs(run_id)
+    upstream_ids = {r["config_hash"]: r["id"] for r in rows if r["kind"] == "upstream"}
+    new_ids = []
+    for arm in arms:
+        template = [r for r in rows if r["kind"] == "arm" and r["arm"] == arm][-1]
+        trainer = load_trainer(template["trainer"])
+        config = replicate(json.loads(template["config_json"]), trainer, seed)
+        planned: dict[str, PlannedUpstream] = {}
+        links = upstream_runs(config, trainer, planned)
+        resources = {key: template[key] for key in ("gpus", "cpus", "gpu_memory_gb")}
+        known = set(upstream_ids)
+        upstream_ids.update(_add_upstream_runs(ledger, run_id, run_dir, list(planned.values()), upstream_ids,
+                                               resources))
+        new_ids += [upstream_ids[h] for h in upstream_ids if h not in known]
+        new_ids.append(ledger.add_arm_run(
+            run_id, arm=arm, seed=seed, kind="arm", trainer=trainer.name, config=config,
+            config_hash=config_hash(config), out_dir=str(run_dir / arm / f"seed{seed}"),
+            total_steps=config.get("steps"),
+            upstream_ids={f: upstream_ids[u.config_hash] for f, u in links.items()}, **resources))
+    return new_ids
+
+
+def _add_upstream_runs(ledger: Ledger, run_id: str, run_dir: Path, upstreams: list[PlannedUpstream],
+                       existing: dict[str, int], resources: dict) -> dict[str, int]:
+    """Add the upstream runs not in `existing` (config hash -> arm run id); returns the ids of all of them."""
+    ids = dict(existing)
+    for up in upstreams:
+        if up.config_hash in ids:
+            continue
+        ids[up.config_hash] = ledger.add_arm_run(
+            run_id, arm=up.name, seed=up.seed, kind="upstream", trainer=up.trainer, config=up.config,
+            config_hash=up.config_hash, out_dir=str(run_dir / "_upstream" / up.name),
+            total_steps=up.config.get("steps"),
+            upstream_ids={f: ids[u.config_hash] for f, u in up.upstream.items()}, **resources)
+    return ids
 
 
 def _alive(pid: int, start_time: str | None) -> bool:

@@ -146,6 +146,7 @@ def _old_run(ledger: Ledger, demo: DemoLedger) -> None:
     attempt = ledger.start_attempt(arm_run_id, backend="local", host="localhost", hardware="cpu")
     _metrics(ledger, arm_run_id, attempt, range(10, 101, 10), demo.now - 7200, 1.0)
     ledger.end_attempt(attempt, "succeeded", exit_code=0, end_step=100)
+    ledger.transition(arm_run_id, "collecting")
     ledger.transition(arm_run_id, "succeeded")
     ledger.set_run_state(demo.old_run_id, "finished")
 
@@ -190,6 +191,7 @@ def _current_run(ledger: Ledger, demo: DemoLedger, now: float) -> None:
     _metrics(ledger, restarted, third, range(50, 71, 5), now - 40, 2.0)
 
     finished = _arm_run(ledger, demo, run_id, "baseline", 1)
+    ledger.transition(finished, "collecting")
     ledger.transition(finished, "succeeded")
     _metrics(ledger, finished, None, range(10, 101, 10), now - 900, 1.0)
     _arm_run(ledger, demo, run_id, "wide", 0)                            # pending

@@ -25,12 +25,13 @@ def test_transitions_attempts_and_metrics(tmp_path):
     ledger.record_metrics(arm_run_id, attempt, [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}])
     ledger.record_metrics(arm_run_id, attempt, [{"step": 2, "loss": 1.4, "acc": 0.5}])   # a resumed step replaces
     ledger.end_attempt(attempt, "succeeded", exit_code=0, end_step=2)
+    ledger.transition(arm_run_id, "collecting", attempt_id=attempt)
     ledger.transition(arm_run_id, "succeeded")
     row = ledger.arm_run(arm_run_id)
     assert row["state"] == "succeeded" and row["ended_at"] is not None and row["last_step"] == 2
     assert [r["loss"] for r in ledger.metric_rows(arm_run_id)] == [2.0, 1.4]
     assert [(t["from_state"], t["to_state"]) for t in ledger.transitions(arm_run_id)] == [
-        (None, "pending"), ("pending", "running"), ("running", "succeeded")]
+        (None, "pending"), ("pending", "running"), ("running", "collecting"), ("collecting", "succeeded")]
     assert ledger.attempts(arm_run_id)[0]["n"] == 1 and ledger.open_attempts("r1") == []
     with pytest.raises(UserError, match="unknown run id 'nope'.*recent runs: r1"):
         ledger.get_run("nope")
@@ -82,3 +83,14 @@ def test_memory_guard_packs_no_more_arms_than_the_card_holds():
     assert gpu_share(0.5, None, 24) == 0.5 and gpu_share(0, 10, 24) == 0
     with pytest.raises(UserError, match="more than the 24.0 GB"):
         gpu_share(0.5, 30, 24)
+
+
+def test_a_ledger_from_before_orchestrator_start_times_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "l.sqlite"
+    new_run(Ledger(path))
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE runs DROP COLUMN orchestrator_start_time")
+    ledger = Ledger(path)
+    assert ledger.get_run("r1")["orchestrator_start_time"] is None
+    ledger.claim_run("r1")
+    assert ledger.get_run("r1")["orchestrator_start_time"]

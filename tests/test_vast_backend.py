@@ -25,6 +25,7 @@ from infra.vastsim import Simulator
 from infra.vastsim.instances import find_sshd
 from orchestrator.backends.base import AttemptSpec
 from orchestrator.backends.vast import VastBackend, VastConfig, make_client, provider
+from orchestrator.backends.vast.attempt import NUMPY_RNG_STATE, weights_only_refusal
 from orchestrator.backends.vast.ssh import load_or_create_keypair
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
@@ -47,8 +48,8 @@ TINY = {"steps": 30, "batch_size": 8, "log_every": 5, "eval_every": 30, "checkpo
 
 
 MASKGIT = {"steps": 10, "batch_size": 8, "log_every": 5, "eval_every": 10, "checkpoint_every": 10,
-           "model": {"dim": 16, "depth": 1, "heads": 2}, "num_samples": 4, "num_inpaint": 4, "decode_steps": 2,
-           "data": {"num_train": 64, "num_heldout": 16}, "tokenizer": TINY}
+           "model": {"dim": 16, "depth": 1, "heads": 2}, "eval_samples": 4, "num_inpaint": 4, "decode_steps": 2,
+           "data": {"num_train": 64, "num_heldout": 16}, "tokenizer": TINY, "judge": {"steps": 20}}
 
 
 def longer(steps: int, checkpoint_every: int = 20) -> dict:
@@ -142,14 +143,22 @@ class Harness:
     def provider_id(self, ledger_instance_id: int) -> int:
         return int(self.ledger.instance(ledger_instance_id)["provider_instance_id"])
 
+    def ours(self, instances: list[dict]) -> list[dict]:
+        prefix = f"armature:{self.ledger.identity()}:{self.run_id}:"
+        return [i for i in instances if str(i.get("label") or "").startswith(prefix)]
+
     def ours_alive_at_provider(self) -> list[dict]:
-        return [i for i in self.sim.instances() if str(i.get("label", "")).startswith(f"armature:{self.run_id}:")]
+        return self.ours(self.sim.instances())
 
     def close(self, log_text: str) -> None:
         for backend in self.backends:
             backend.shutdown()
         assert self.ledger.live_instances(self.run_id) == []
         assert self.ours_alive_at_provider() == []
+        rented = {str(i["id"]) for i in self.ours(self.sim.instances(include_destroyed=True))}
+        recorded = {r["provider_instance_id"] for r in self.ledger.query("SELECT * FROM instances WHERE run_id=?",
+                                                                         (self.run_id,))}
+        assert rented <= recorded, f"instances the ledger never knew: {sorted(rented - recorded)}"
         assert_no_secret(self.ledger, self.root, log_text)
 
 
@@ -206,8 +215,11 @@ def trainers_on(sim: Simulator, provider_id: int) -> list[int]:
 
 
 def checkpoint_step(path: Path) -> int:
+    """The step of a pulled checkpoint, read the way the orchestrator accepts it (weights only)."""
     import torch
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    assert weights_only_refusal(path) is None
+    with torch.serialization.safe_globals(NUMPY_RNG_STATE):
+        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
 # ---- the tests ------------------------------------------------------------------------------------
@@ -257,7 +269,7 @@ def test_happy_path_deploys_runs_pulls_and_destroys(harness, sim):
     # The instance is kept for the next arm until shutdown; then destroyed, confirmed.
     (row,) = harness.ledger.query("SELECT * FROM instances WHERE run_id=?", (harness.run_id,))
     assert row["destroyed_at"] is None and row["state"] == "ready"
-    assert row["label"] == f"armature:{harness.run_id}:{spec.attempt_id}"
+    assert row["label"] == f"armature:{harness.ledger.identity()}:{harness.run_id}:{spec.attempt_id}:{row['id']}"
     assert row["host_key"].startswith("ssh-ed25519 ") and row["ready_at"] >= row["created_at"]
     backend.shutdown()
     row = harness.ledger.instance(row["id"])
@@ -271,10 +283,11 @@ def test_happy_path_deploys_runs_pulls_and_destroys(harness, sim):
 
 
 def test_launch_faults_are_survived(harness, sim):
-    """429s, offer gone (404), stuck in loading (deadline -> next offer), SSH refused a while, destroy failing."""
+    """429s, offer gone (404), a create that rents but answers 502 (the list lagging behind), stuck in loading
+    (deadline -> next offer), SSH refused a while, destroy failing."""
     sim.set_faults(offer_id=3001, stuck_loading=True)
     sim.set_faults(offer_id=3002, ssh_refused_s=2.5)
-    sim.set_faults(rate_limit=4, create_no_such_ask=1, destroy_fail=8)
+    sim.set_faults(rate_limit=4, create_no_such_ask=1, create_then_502=1, list_lag_s=0.5, destroy_fail=8)
     backend = harness.backend(ready_deadline_seconds=6)
     spec = harness.spec(harness.arm("faults"))
     result, events = harness.run(backend, spec)
@@ -283,6 +296,8 @@ def test_launch_faults_are_survived(harness, sim):
     assert [r["offer_id"] for r in rows] == ["3001", "3001", "3002"]
     assert rows[0]["state"] == "failed_create" and rows[0]["provider_instance_id"] is None      # 404: nothing rented
     assert rows[1]["destroyed_at"] is not None and "not ready after 6s" in rows[1]["reason"]   # stuck: destroyed
+    (found,) = harness.ledger.events(harness.run_id, "instance.found_by_label")               # its create: 502
+    assert json.loads(found["detail_json"])["instance_id"] == rows[1]["id"]
     assert "loading" in rows[1]["reason"]
     assert rows[2]["ready_at"] is not None
     assert harness.ledger.events(harness.run_id, "instance.destroy_retry"), "destroy failures were retried"

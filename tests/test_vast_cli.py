@@ -1,5 +1,6 @@
 """The cloud path through the real CLI: `armature ablation --backend vast` against the simulator,
-kill -9 of armature mid-run, `armature resume` adopting the live instance, and `reap` finding nothing."""
+kill -9 of armature mid-run, `armature resume` adopting the live instance, and `reap` finding nothing;
+`reap` in one ARMATURE_HOME leaving another's instances alone."""
 
 import secrets
 
@@ -7,12 +8,15 @@ import pytest
 
 from infra.vastsim import Simulator
 from infra.vastsim.instances import find_sshd
+from orchestrator.backends.vast import make_client, provider
+from orchestrator.ledger import Ledger
 from tests.armature_helpers import TINY_VQVAE_BASE, armature, ledger, metric_steps, start_armature, tiny_spec, wait_for
 from tests.test_vast_backend import ALLOW_DIRTY, OFFERS
 
 pytestmark = pytest.mark.skipif(find_sshd() is None, reason="OpenSSH sshd is not installed")
 
 API_KEY = "vk-" + secrets.token_hex(20)
+SECOND_KEY = "vk-" + secrets.token_hex(20)      # a teammate's key on the same account
 
 
 def spec(sim_url: str) -> str:
@@ -56,7 +60,9 @@ def test_kill_9_then_resume_adopts_the_instance_and_reap_finds_nothing(tmp_path)
             proc.wait(30)
         assert len(sim.instances()) == 1, "the instance outlives the orchestrator"
 
-        result = armature(home, "resume", "c9", "--metrics-port", "-1", *extra, VAST_API_KEY=API_KEY)
+        # The tree these tests run from may be edited meanwhile (a dirty checkout): resume on it regardless.
+        changed = ["--allow-code-change"] if ALLOW_DIRTY else []
+        result = armature(home, "resume", "c9", "--metrics-port", "-1", *extra, *changed, VAST_API_KEY=API_KEY)
         assert result.returncode == 0, result.stdout + result.stderr
         db = ledger(home)
         (arm_run,) = db.arm_runs("c9")
@@ -74,3 +80,26 @@ def test_kill_9_then_resume_adopts_the_instance_and_reap_finds_nothing(tmp_path)
     dump = "\n".join(str(row) for table in ("runs", "arm_runs", "attempts", "events", "instances")
                      for row in db.query(f"SELECT * FROM {table}"))
     assert API_KEY not in dump and API_KEY not in (tmp_path / "log").read_text() + result.stdout + result.stderr
+
+
+def test_reap_in_one_home_never_destroys_another_homes_instance(tmp_path):
+    with Simulator(tmp_path / "sim", api_key=API_KEY, offers=OFFERS, extra_api_keys=(SECOND_KEY,)).start() as sim:
+        theirs = Ledger(tmp_path / "their-home" / "ledger.sqlite")
+        theirs.create_run("study", name="study", trainer="vqvae", backend="vast", spec_path=None, metric=None,
+                          metric_mode=None, baseline=None, budget_dollars=None, git_commit=None, git_diff_hash=None)
+        label = provider.instance_label(theirs.identity(), "study", 1) + ":1"
+        their_instance = make_client(sim.url, api_key=SECOND_KEY).create_instance(
+            3001, image="img", disk=10, label=label)["new_contract"]
+        mine = tmp_path / "my-home"
+
+        listed = armature(mine, "reap", "--server-url", sim.url, VAST_API_KEY=API_KEY)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert "no orphaned armature instances" in listed.stdout
+        assert f"not this ledger's, left alone: instance {their_instance}" in listed.stdout
+        assert sim.show_instance(their_instance) is not None
+
+        named = armature(mine, "reap", "--instance", str(their_instance), "--server-url", sim.url,
+                         VAST_API_KEY=API_KEY)
+        assert named.returncode == 0, named.stdout + named.stderr
+        assert f"destroyed (confirmed): instance {their_instance}" in named.stdout
+        assert sim.show_instance(their_instance) is None

@@ -238,6 +238,27 @@ def test_gone_offer_raises_no_such_ask(sim, vast):
     assert vast.create_instance(2, image="x")["success"] is True  # the fault was used up
 
 
+def test_create_that_rents_then_answers_502_or_too_late_and_a_lagging_list(sim, vast):
+    sim.set_faults(create_then_502=1, list_lag_s=0.5)
+    once = vastai.VastAI(api_key=API_KEY, server_url=sim.url, retry=1)
+    with pytest.raises(requests.HTTPError) as excinfo:
+        once.create_instance(2, image="x", label="lost")
+    assert http_error(excinfo)[0] == 502
+    assert vast.show_instances() == []                                   # the list lags behind the create
+    (row,) = wait_for(vast.show_instances, what="the rented instance in the list")
+    assert row["label"] == "lost"
+
+    sim.set_faults(create_then_502=1, list_lag_s=0)
+    vast.create_instance(2, image="x", label="twice")                    # the SDK re-sends after a 502
+    assert [r["label"] for r in vast.show_instances()].count("twice") == 2
+
+    sim.set_faults(create_then_stall=1, create_stall_s=1.0)
+    once.client.timeout = 0.3
+    with pytest.raises(requests.Timeout):
+        once.create_instance(2, image="x", label="late")
+    assert "late" in [r["label"] for r in vast.show_instances()]
+
+
 def test_rate_limit_is_retried_by_the_sdk(sim, vast):
     sim.set_faults(rate_limit=2, rate_limit_retry_after=0.01)
     assert vast.show_user()["credit"] <= 100.0

@@ -25,6 +25,8 @@ class InstanceFaults:
     no_such_ask: bool = False              # every create on the offer fails (offer gone)
     preempt_after_s: float | None = None   # running N s -> `exited`, processes killed
     offline_after_s: float | None = None   # running N s -> `offline`, processes killed
+    hostile_sftp: str | None = None        # an absolute folder: SFTP (from the next sshd start) serves names
+    #                                        escaping into it, links, a FIFO, NUL and dot names (hostile_sftp.py)
 
 
 @dataclass
@@ -32,6 +34,10 @@ class RequestFaults:
     rate_limit: int = 0                    # the next N API requests answer 429
     rate_limit_retry_after: float | None = None  # Retry-After header on those 429s
     create_no_such_ask: int = 0            # the next N creates answer 404/410 no_such_ask
+    create_then_502: int = 0               # the next N creates rent the instance, then answer 502
+    create_then_stall: int = 0             # the next N creates rent the instance, then answer create_stall_s late
+    create_stall_s: float = 5.0            #   (a client with a shorter timeout sees a timeout)
+    list_lag_s: float = 0.0                # a new instance shows in the instance list only this long after its create
     destroy_fail: int = 0                  # the next N destroys answer 500
     destroy_fail_for_s: float = 0.0        # destroys answer 500 for N s from when this is set
     bad_key_status: int = 401              # status for an unknown API key (Vast sometimes uses 404)
@@ -51,6 +57,8 @@ def _convert(value, template_type: str):
         if isinstance(value, str):
             return value.strip().lower() in ("true", "1", "yes", "on")
         return bool(value)
+    if template_type.startswith("str"):
+        return str(value)
     if template_type.startswith("int"):
         return int(value)
     return float(value)
@@ -108,6 +116,16 @@ class Faults:
             self.requests.create_no_such_ask -= 1
             return True
         return False
+
+    def take_create_answer_fault(self) -> str | None:
+        """How this (successful) create answers: '502', 'stall', or None for a normal answer."""
+        if self.requests.create_then_502 > 0:
+            self.requests.create_then_502 -= 1
+            return "502"
+        if self.requests.create_then_stall > 0:
+            self.requests.create_then_stall -= 1
+            return "stall"
+        return None
 
     def take_destroy_failure(self) -> bool:
         """Whether this destroy fails with a 500."""

@@ -29,6 +29,7 @@ from pathlib import Path
 SSHD_START_TIMEOUT_S = 5.0
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FAKE_NVIDIA_SMI = Path(__file__).with_name("fake_nvidia_smi.py")
+HOSTILE_SFTP = Path(__file__).with_name("hostile_sftp.py")
 
 # Friendly scenario names -> nvidia-smi query fields in gpu.json.
 GPU_VALUE_NAMES = {
@@ -132,6 +133,7 @@ class InstanceHost:
         self.sshd: subprocess.Popen | None = None
         self.onstart: subprocess.Popen | None = None
         self.session_env: dict[str, str] = {}
+        self.hostile_sftp: str | None = None      # the fault of that name, applied at the next sshd start
 
     # ---- disk -------------------------------------------------------------
 
@@ -211,10 +213,15 @@ class InstanceHost:
             "PrintMotd no",
             "PermitUserEnvironment no",
             "LogLevel INFO",
-            f"Subsystem sftp internal-sftp -d {self.home}",
+            f"Subsystem sftp {self._sftp_subsystem()}",
             f"SetEnv {set_env}",
             "",
         ]))
+
+    def _sftp_subsystem(self) -> str:
+        if self.hostile_sftp:
+            return f"{self.python} {HOSTILE_SFTP} --root {self.home} --target {self.hostile_sftp}"
+        return f"internal-sftp -d {self.home}"
 
     def generate_host_key(self) -> None:
         for path in (self.host_key, self.host_key.with_suffix(".pub")):

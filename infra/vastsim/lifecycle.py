@@ -72,6 +72,7 @@ class Instance:
         """One clock step; True when something changed."""
         now = time.time()
         self.host.reap()
+        self.host.hostile_sftp = faults.hostile_sftp
         if self.status in BOOTING and self.intended == "running":
             return self._advance_boot(faults, now)
         if self.status != "running":

@@ -48,9 +48,9 @@ class Simulator:
 
     def __init__(self, state_dir, api_key: str = DEFAULT_API_KEY, offers: list[dict] | None = None,
                  python: str | None = None, host: str = "127.0.0.1", port: int = 0,
-                 initial_credit: float = 100.0, tick_s: float = 0.05):
+                 initial_credit: float = 100.0, tick_s: float = 0.05, extra_api_keys: tuple[str, ...] = ()):
         self.state_dir = Path(state_dir).resolve()
-        self._api_key = api_key
+        self._api_keys = (api_key, *extra_api_keys)      # several keys of one account (a team's members)
         self.python = python or sys.executable
         configs = offer_search.DEFAULT_OFFERS if offers is None else offers
         self.offers = {o["id"]: o for o in map(offer_search.normalize_offer, configs)}
@@ -188,7 +188,7 @@ class Simulator:
 
     def principal(self, key: str | None):
         """"account" for the account key, ("instance", id) for an instance-scoped key, else None."""
-        if key and secrets.compare_digest(key, self._api_key):
+        if key and any(secrets.compare_digest(key, account_key) for account_key in self._api_keys):
             return "account"
         with self._lock:
             for inst in self._instances.values():
@@ -237,7 +237,15 @@ class Simulator:
             inst.boot(at=requested_at)
             self.log.info("instance %s created from offer %s, label %r", instance_id, offer["id"], inst.label)
             self._save()
-            return instance_id
+            answer_fault = self.faults.take_create_answer_fault()
+            stall_s = self.faults.requests.create_stall_s
+        if answer_fault == "stall":
+            self.log.info("instance %s: create answer stalls %.1fs (fault)", instance_id, stall_s)
+            time.sleep(stall_s)
+        elif answer_fault == "502":
+            self.log.info("instance %s: create answers 502 (fault)", instance_id)
+            raise SimError(502, "bad_gateway", "Bad gateway.")
+        return instance_id
 
     def _session_env(self, inst: Instance) -> dict[str, str]:
         port = str(inst.host.port)
@@ -257,7 +265,8 @@ class Simulator:
 
     def list_instances(self, select_filters: dict | None = None, order_by=None) -> list[dict]:
         with self._lock:
-            rows = [inst.row() for inst in self._instances.values() if inst.live]
+            shown_before = time.time() - self.faults.requests.list_lag_s
+            rows = [inst.row() for inst in self._instances.values() if inst.live and inst.created_at <= shown_before]
         try:
             rows = [r for r in rows if offer_search.row_matches(r, select_filters or {})]
         except offer_search.QueryError as err:

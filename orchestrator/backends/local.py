@@ -23,13 +23,16 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
+from ray._private import ray_constants
 
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
 from orchestrator.metrics_tail import JsonlTail, log_tail
 from orchestrator.paths import REPO_ROOT
+from orchestrator.procs import process_start_time
 
 EXIT_DIVERGED = 3                      # trainers/common.py: the trainer contract
 STOP_GRACE_SECONDS = 120               # a trainer gets this long to checkpoint after SIGTERM
@@ -57,13 +60,21 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of a pid (field 22 of /proc/pid/stat), to tell a live trainer from a reused pid."""
+@contextmanager
+def _loopback_only():
+    """While Ray starts a node here, give it 127.0.0.1 as its address, so that every server it starts
+    (GCS, raylet, workers, agents) listens on loopback only.
+
+    Ray replaces a loopback node address with the machine's network address unless its cluster mode is
+    off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read once when Ray is imported), so the flag is switched
+    off for the start alone: a cluster the user names later in this process is joined as usual.
+    """
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _hardware(gpu_ids: list) -> str:
@@ -164,8 +175,10 @@ class LocalBackend:
             if self.ray_address:
                 ray.init(address=self.ray_address, **quiet)
             else:
-                # "local": a Ray of our own, even where another one runs (ray.init() alone would join it)
-                ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), **quiet)
+                # "local": a Ray of our own, even where another one runs (ray.init() alone would join it),
+                # reachable from this machine only (unauthenticated, it would run anyone's code)
+                with _loopback_only():
+                    ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), **quiet)
                 self._started_ray = True
         self._board = StopBoard.remote()
 

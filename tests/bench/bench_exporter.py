@@ -67,7 +67,10 @@ def build_loaded_ledger(path: Path) -> None:
                     {"step": step, "time": start + step, "loss": 1.0 / (step + 1), "fid": 50.0 - step * 0.01}
                     for step in range(METRICS_ROWS_PER_RUNNING_ARM)])
             else:
-                ledger.transition(arm_run_id, final_states[arm_run % len(final_states)])
+                final = final_states[arm_run % len(final_states)]
+                if final == "succeeded":
+                    ledger.transition(arm_run_id, "collecting")
+                ledger.transition(arm_run_id, final)
             arm_run += 1
     for host in range(HOSTS):
         csv = "".join(f"{gpu}, NVIDIA GeForce RTX 4090, GPU-{host}-{gpu}, {60 + gpu}, 95, 20000, 24564, 400.0, "

@@ -9,22 +9,31 @@ Remote work folder `work/a<attempt id>/` (see deploy.py for the instance layout)
 Local side (the arm run's out_dir): metrics.jsonl grows as rows arrive (rows this
 attempt re-logs after a resume replace the old ones), `log` gets the trainer's
 output, checkpoints/last.pt is replaced atomically by pulls verified with sha256.
+Nothing the host names can land outside out_dir: only regular files (checked on their own
+SFTP attributes, links never followed) with plain names (ssh.plain_name) are pulled; a
+pulled .pt is kept only when torch.load(weights_only=True) reads it, so what one host sends
+cannot run code where it is unpickled later (another host, a resumed attempt).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.vast.deploy import DeployError, InstancePaths, detached
-from orchestrator.backends.vast.ssh import Connection, Remote, SshError
+from orchestrator.backends.vast.ssh import Connection, RefusedFile, Remote, RemoteEntry, SshError, plain_name
 
 RESULT_FILES = ("summary.json", "artifact.pt")
+
+log = logging.getLogger(__name__)
 
 
 class ChecksumMismatch(SshError):
@@ -43,6 +52,25 @@ def replace_atomically(tmp: Path, final: Path) -> None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
+
+
+# What unpickling numpy's RNG state (np.random.get_state(): an array of uint32) needs beyond weights_only's
+# defaults; constructors of plain arrays, nothing that runs code.
+NUMPY_RNG_STATE = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def weights_only_refusal(path: Path) -> str | None:
+    """None when `torch.load(weights_only=True)` reads the file (NUMPY_RNG_STATE allowed), else why not.
+    A pulled .pt is unpickled later (a resumed attempt, an upstream artifact on other hosts): one that
+    needs arbitrary unpickling could run the sending host's code there, so it is not kept."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(NUMPY_RNG_STATE):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        return f"{path.name} does not load with weights_only=True: {type(exc).__name__}: {str(exc)[:300]}"
+    return None
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -210,10 +238,19 @@ class RemoteAttempt:
                 "snapshot", "--src", f"{self.work}/out/checkpoints/last.pt", "--dst", snapshot), check=True).stdout)
             if not answer.get("exists"):
                 return False
-            remote.get_file(snapshot, tmp)
+            try:
+                remote.get_file(snapshot, tmp)
+            except RefusedFile as exc:
+                log.warning("checkpoint of %s not pulled: %s", self.work, exc)
+                return False
             if sha256_file(tmp) != answer["sha256"]:
                 tmp.unlink(missing_ok=True)
                 raise ChecksumMismatch(f"checkpoint of {self.work} changed in transit (sha256 mismatch)")
+            refusal = weights_only_refusal(tmp)
+            if refusal:
+                tmp.unlink(missing_ok=True)
+                log.warning("checkpoint of %s not kept: %s", self.work, refusal)
+                return False
             replace_atomically(tmp, local_dir / "last.pt")
             return True
 
@@ -228,23 +265,43 @@ class RemoteAttempt:
         """Pull everything the trainer left: checkpoint (verified), summary.json, artifact.pt, samples/."""
         self.pull_checkpoint(checkpoint_state)
 
-        def pull(remote: Remote) -> None:
-            entries = dict(remote.list_dir(f"{self.work}/out"))
-            for name in RESULT_FILES:
-                if name in entries and not entries[name]:
-                    tmp = self.out_dir / f".{name}.download"
-                    remote.get_file(f"{self.work}/out/{name}", tmp)
-                    replace_atomically(tmp, self.out_dir / name)
-            if entries.get("samples"):
+        def pull(remote: Remote) -> list[str]:
+            refused: list[str] = []
+            entries = {e.name: e for e in remote.list_dir(f"{self.work}/out")}
+            wanted = [entries[name] for name in RESULT_FILES if name in entries]
+            self._pull_files(remote, f"{self.work}/out", wanted, self.out_dir, refused)
+            if "samples" in entries and entries["samples"].kind == "dir":
                 samples = self.out_dir / "samples"
                 samples.mkdir(exist_ok=True)
-                for name, is_dir in remote.list_dir(f"{self.work}/out/samples"):
-                    if not is_dir:
-                        tmp = samples / f".{name}.download"
-                        remote.get_file(f"{self.work}/out/samples/{name}", tmp)
-                        replace_atomically(tmp, samples / name)
+                self._pull_files(remote, f"{self.work}/out/samples",
+                                 remote.list_dir(f"{self.work}/out/samples"), samples, refused)
+            return refused
 
-        self.conn.call(pull)
+        refused = self.conn.call(pull)
+        if refused:
+            log.warning("instance files of %s not pulled (only plain regular files are): %s", self.work,
+                        "; ".join(refused[:10])[:1000])
+
+    @staticmethod
+    def _pull_files(remote: Remote, folder: str, entries: list[RemoteEntry], local_dir: Path,
+                    refused: list[str]) -> None:
+        """Pull the plain-named regular files among `entries` of remote `folder` into `local_dir`."""
+        for entry in entries:
+            if not plain_name(entry.name) or entry.kind != "file":
+                refused.append(f"{entry.name[:80]!r} ({entry.kind})")
+                continue
+            tmp = local_dir / f".{entry.name}.download"
+            try:
+                remote.get_file(f"{folder}/{entry.name}", tmp)
+            except RefusedFile as exc:
+                refused.append(str(exc)[:200])
+                continue
+            refusal = weights_only_refusal(tmp) if entry.name.endswith(".pt") else None
+            if refusal:
+                tmp.unlink(missing_ok=True)
+                refused.append(refusal)
+                continue
+            replace_atomically(tmp, local_dir / entry.name)
 
     def remove(self) -> None:
         """Delete the work folder (the instance may run more arms; its disk is not unlimited)."""

@@ -8,8 +8,9 @@
 An attempt claims GPUs from the pool (pool.py), launching an instance when none
 has room (provider.py: cheapest reliable offer, readiness deadline, a bounded
 number of offers), deploys the code once per instance (deploy.py), then runs and
-watches the trainer (watch.py). Instances are labelled `armature:<run_id>:<id of
-the attempt that launched it>`; one reused for later arms keeps that first label.
+watches the trainer (watch.py). Instances are labelled `armature:<ledger id>:<run_id>:<id
+of the attempt that launched it>:<ledger row id>` (provider.py); one reused for later arms
+keeps that first label.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast import provider
 from orchestrator.backends.vast.config import VastConfig
-from orchestrator.backends.vast.deploy import (CodeBundle, DeployError, deploy_code, deploy_record,
-                                               install_helper_and_watchdog, make_code_bundle, resolve_paths)
+from orchestrator.backends.vast.deploy import (CodeBundle, DeployError, boot_watchdog_onstart, deploy_code,
+                                               deploy_record, install_helper_and_watchdog, make_code_bundle,
+                                               resolve_paths)
 from orchestrator.backends.vast.pool import InstancePool, PoolClosed, PooledInstance
+from orchestrator.backends.vast.reap import reap_keys
 from orchestrator.backends.vast.ssh import Connection, HostKeyChanged, KeyPair, SshError, load_or_create_keypair
 from orchestrator.backends.vast.watch import AttemptWatch, Budget
 from orchestrator.ledger import Ledger
@@ -67,7 +70,9 @@ class VastBackend:
         self.client = provider.make_client(self.cfg.server_url)
         self.bundle = make_code_bundle(self.repo_root, self.run_dir / ".vast" / "deploy", self.allow_dirty,
                                        secrets=(provider.api_key_of(self.client),))
-        self.key = load_or_create_keypair(self.run_dir / ".vast" / "id_ed25519", comment=f"armature-{self.run_id}")
+        self.key = load_or_create_keypair(self.run_dir / ".vast" / "id_ed25519",
+                                          comment=provider.key_comment(self.ledger.identity(), self.run_id))
+        reap_keys(self.client, self.ledger, cfg=self.cfg, keep_run=self.run_id)   # left by runs that crashed
         self._account_key_id = provider.register_ssh_key(self.client, self.cfg, self.key.public_line)
         self.ledger.event(self.run_id, "vast.start", commit=self.bundle.commit, diff_hash=self.bundle.diff_hash,
                           ssh_key_id=self._account_key_id)
@@ -224,7 +229,7 @@ class VastBackend:
 
     def _launch(self, instance: PooledInstance, spec: AttemptSpec, stop: threading.Event) -> None:
         failures: list[str] = []
-        label = provider.instance_label(self.run_id, spec.attempt_id)
+        label = provider.instance_label(self.ledger.identity(), self.run_id, spec.attempt_id)
         for _ in range(self.cfg.max_launch_tries):
             if stop.is_set() or self._closing.is_set():
                 raise provider.LaunchCancelled("stopped before an instance was rented")
@@ -260,7 +265,7 @@ class VastBackend:
     def _launch_offer(self, instance: PooledInstance, offer: dict, label: str, stop: threading.Event) -> None:
         env = {"VAST_SERVER_URL": self.cfg.server_url} if self.cfg.server_url else {}
         ledger_id = provider.launch(self.client, self.ledger, self.cfg, run_id=self.run_id, offer=offer, label=label,
-                                    public_key=self.key.public_line, env=env)
+                                    public_key=self.key.public_line, env=env, onstart=boot_watchdog_onstart(self.cfg))
         row = self.ledger.instance(ledger_id)
         instance.ledger_id, instance.provider_id = ledger_id, row["provider_instance_id"]
         instance.machine_id, instance.gpu_name = str(offer.get("machine_id")), offer.get("gpu_name")

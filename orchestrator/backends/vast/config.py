@@ -43,6 +43,9 @@ class VastConfig(BaseModel, extra="forbid"):
                                           description="an instance not answering SSH by then is destroyed")
     status_poll_seconds: float = Field(10.0, gt=0, description="how often readiness is checked")
     max_launch_tries: int = Field(4, ge=1, description="offers tried for one instance before giving up")
+    create_timeout_seconds: float = Field(120.0, gt=0, description="how long one create request may take")
+    create_lookup_seconds: float = Field(
+        60.0, ge=0, description="after a create answered a timeout or 5xx, look for its instance by label this long")
 
     # ---- talking to the provider and the instance ---------------------------------------------
     api_retries: int = Field(6, ge=1, description="tries of one API call on 429/5xx/connection errors")
@@ -63,7 +66,8 @@ class VastConfig(BaseModel, extra="forbid"):
 
     # ---- safety nets on the instance -------------------------------------------------------------
     orchestrator_silence_seconds: float = Field(
-        3600.0, gt=0, description="dead-man switch: the instance destroys itself after this long without contact")
+        1500.0, gt=0, description="dead-man switch (armed at boot): the instance destroys itself after this long "
+                                  "without contact from the orchestrator")
     max_lifetime_hours: float = Field(72.0, gt=0, description="the instance destroys itself after this long")
 
     # ---- teardown and budget --------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Deploy the code to an instance through git, and prepare the instance to run arms.
 
-The exact commit travels as a `git bundle` of HEAD, uploaded over SFTP and
-cloned on the instance. A working tree with uncommitted changes is refused
-unless `allow_dirty`; then the changes travel too, as `git diff HEAD --binary`
-(applied after the clone) plus a tar of the untracked, not-ignored files, and
-their hash is recorded. Dependencies come from the project's own
-`requirements-trainer.txt`: when the image's python already has every
+The tree of the exact commit travels as a `git bundle` of one parentless commit
+made from HEAD's tree (never the history: a secret committed once and deleted later
+stays home), uploaded over SFTP and cloned on the instance. A working tree with
+uncommitted changes is refused unless `allow_dirty`; then the changes travel too,
+as `git diff HEAD --binary` (applied after the clone) plus a tar of the untracked,
+not-ignored files, and their hash is recorded. No shipped file may hold the API key.
+Dependencies come from the project's own `requirements-trainer.txt`: when the image's python already has every
 distribution it names (a stock PyTorch image plus a few, or the simulator),
 nothing is installed; otherwise a venv with the system site-packages gets
 `pip install -r` on top. An install failure fails the attempt with the log tail.
@@ -21,7 +22,10 @@ Remote layout (all under `<home>/<remote_dir>`, see `InstancePaths`):
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import shlex
+import shutil
 import subprocess
 import tarfile
 import time
@@ -33,6 +37,7 @@ from orchestrator.backends.vast.ssh import Connection, Remote
 from orchestrator.errors import UserError
 
 SUPERVISOR = Path("infra") / "remote" / "supervisor.py"
+DEFAULT_API_URL = "https://console.vast.ai"          # the SDK's and supervisor.py's default
 REQUIREMENTS = "requirements-trainer.txt"
 
 
@@ -45,19 +50,21 @@ class DeployError(Exception):
 @dataclass(frozen=True)
 class CodeBundle:
     repo_root: Path
-    commit: str
+    commit: str                     # HEAD of the checkout: what the run records
     diff_hash: str | None           # sha256 of the shipped uncommitted changes; None for a clean tree
-    bundle: Path                    # git bundle of HEAD
+    bundle: Path                    # git bundle of `shipped`
     patch: Path | None              # git diff HEAD --binary
     untracked: Path | None          # tar of untracked, not ignored files
+    shipped: str                    # the parentless commit holding `commit`'s tree, checked out on the instance
 
     @property
     def version(self) -> str:
         return self.commit[:12] + (f"-{self.diff_hash[:8]}" if self.diff_hash else "")
 
 
-def _git(repo: Path, *args: str, binary: bool = False) -> str | bytes:
-    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=120)
+def _git(repo: Path, *args: str, binary: bool = False, env: dict[str, str] | None = None) -> str | bytes:
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=120,
+                          env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         raise UserError(f"git {' '.join(args)} failed in {repo}: {done.stderr.decode(errors='replace').strip()}")
     return done.stdout if binary else done.stdout.decode()
@@ -80,7 +87,7 @@ def make_code_bundle(repo_root: Path, dest: Path, allow_dirty: bool, secrets: tu
     _refuse_secrets(repo_root, secrets)
     dest.mkdir(parents=True, exist_ok=True)
     bundle = dest / "code.bundle"
-    _git(repo_root, "bundle", "create", str(bundle), "HEAD")
+    shipped = _bundle_tree(repo_root, commit, dest / "ship.git", bundle)
     patch = untracked = diff_hash = None
     if changed:
         diff = _git(repo_root, "diff", "HEAD", "--binary", binary=True)
@@ -98,14 +105,45 @@ def make_code_bundle(repo_root: Path, dest: Path, allow_dirty: bool, secrets: tu
                         tar.add(path, arcname=name, recursive=False)
                         digest.update(name.encode() + b"\0" + path.read_bytes())
         diff_hash = digest.hexdigest()
-    return CodeBundle(repo_root, commit, diff_hash, bundle, patch, untracked)
+    return CodeBundle(repo_root, commit, diff_hash, bundle, patch, untracked, shipped)
+
+
+# A fixed author and date: the same tree always gives the same shipped commit.
+SHIP_IDENTITY = {"GIT_AUTHOR_NAME": "armature", "GIT_AUTHOR_EMAIL": "armature@localhost",
+                 "GIT_AUTHOR_DATE": "1970-01-01T00:00:00Z", "GIT_COMMITTER_NAME": "armature",
+                 "GIT_COMMITTER_EMAIL": "armature@localhost", "GIT_COMMITTER_DATE": "1970-01-01T00:00:00Z"}
+
+
+def _bundle_tree(repo_root: Path, commit: str, scratch: Path, bundle: Path) -> str:
+    """Bundle one parentless commit of `commit`'s tree; its id. Made in a scratch bare repository that
+    borrows the checkout's objects (git alternates), so the checkout gains no ref and no object."""
+    objects = Path(_git(repo_root, "rev-parse", "--path-format=absolute", "--git-common-dir").strip()) / "objects"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        _git(repo_root, "init", "-q", "--bare", str(scratch))
+        (scratch / "objects" / "info" / "alternates").write_text(f"{objects}\n")
+        tree = _git(repo_root, "rev-parse", f"{commit}^{{tree}}").strip()
+        shipped = _git(scratch, "commit-tree", tree, "-m", f"armature deploy of {commit}", env=SHIP_IDENTITY).strip()
+        _git(scratch, "update-ref", "refs/heads/deploy", shipped)
+        _git(scratch, "symbolic-ref", "HEAD", "refs/heads/deploy")
+        _git(scratch, "bundle", "create", "-q", str(bundle), "HEAD")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return shipped
 
 
 def _refuse_secrets(repo_root: Path, secrets: tuple[str, ...]) -> None:
-    """No file git would ship (tracked or untracked, not ignored) may contain a secret."""
+    """No file git would ship may contain a secret: HEAD's tree (the bundle), and the tracked or untracked,
+    not ignored files of the working tree (the patch and the tar)."""
     needles = [s.encode() for s in secrets if s]
     if not needles:
         return
+    with tarfile.open(fileobj=io.BytesIO(_git(repo_root, "archive", "--format=tar", "HEAD", binary=True))) as tar:
+        for member in tar:
+            handle = tar.extractfile(member) if member.isfile() and member.size < 50 << 20 else None
+            if handle is not None and any(n in handle.read() for n in needles):
+                raise UserError(f"{member.name} at HEAD contains the Vast API key; it would be shipped to rented "
+                                "machines. Commit the file without the key first")
     listed = _git(repo_root, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
     for name in filter(None, listed):
         path = repo_root / name
@@ -156,6 +194,53 @@ def detached(cwd: str, argv: list[str], log: str) -> str:
     """
     q = shlex.quote
     return f"cd {q(cwd)} || exit 1; setsid nohup {shlex.join(argv)} >> {q(log)} 2>&1 < /dev/null &"
+
+
+# ---- the dead-man switch from boot ------------------------------------------------------------------------
+
+# Started by the instance's own start command (onstart), before anyone can SSH in: destroys the
+# instance with its instance-scoped key (CONTAINER_API_KEY, never the account key) when the
+# last-contact file has been quiet for `silence` seconds, or after `lifetime` seconds. Standard
+# library only; argv: contact file, silence, lifetime, check period, API URL.
+BOOT_WATCHDOG = """
+import os, sys, time, urllib.request as u
+contact, silence, lifetime, period, url = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5]
+started = time.time()
+open(contact, "a").close()
+os.utime(contact, None)
+while True:
+    time.sleep(period)
+    now = time.time()
+    try:
+        quiet = now - os.path.getmtime(contact)
+    except OSError:
+        quiet = now - started
+    if quiet <= silence and now - started <= lifetime:
+        continue
+    me, key = os.environ.get("CONTAINER_ID", ""), os.environ.get("CONTAINER_API_KEY", "")
+    print(time.strftime("%Y-%m-%dT%H:%M:%S"), "boot watchdog: quiet %.0fs, up %.0fs: destroying"
+          % (quiet, now - started), flush=True)
+    try:
+        u.urlopen(u.Request(url + "/api/v0/instances/" + "".join(c for c in me if c.isalnum()) + "/", data=b"{}",
+                            method="DELETE", headers={"Authorization": "Bearer " + key,
+                                                      "Content-Type": "application/json"}), timeout=30)
+        break
+    except Exception as exc:
+        print("destroy failed:", exc, flush=True)
+        if getattr(exc, "code", None) == 404:
+            break
+"""
+
+
+def boot_watchdog_onstart(cfg: VastConfig) -> str:
+    """The instance's start command: the dead-man switch, armed before SSH answers (an orchestrator killed
+    while the instance boots leaves no orphan). install_helper_and_watchdog adds the full one later."""
+    q = shlex.quote
+    base = f'"$HOME"/{q(cfg.remote_dir.strip("/"))}'
+    argv = [f"{base}/last-contact", f"{cfg.orchestrator_silence_seconds:g}", f"{cfg.max_lifetime_hours * 3600:g}",
+            f"{min(5.0, cfg.orchestrator_silence_seconds / 4):g}", q(cfg.server_url or DEFAULT_API_URL)]
+    return (f"mkdir -p {base} && nohup python3 -c {q(BOOT_WATCHDOG)} {' '.join(argv)} "
+            f">> {base}/boot-watchdog.log 2>&1 < /dev/null &\n")
 
 
 # ---- preparing an instance -----------------------------------------------------------------------------
@@ -211,7 +296,7 @@ def deploy_code(conn: Connection, paths: InstancePaths, bundle: CodeBundle, cfg:
         "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends git; }",
         f"rm -rf {q(code)}.tmp",
         f"git clone -q {q(upload + '/code.bundle')} {q(code + '.tmp')}",
-        f"git -C {q(code + '.tmp')} checkout -q --detach {q(bundle.commit)}",
+        f"git -C {q(code + '.tmp')} checkout -q --detach {q(bundle.shipped)}",
     ]
     if bundle.patch:
         steps.append(f"git -C {q(code + '.tmp')} apply --binary --whitespace=nowarn {q(upload + '/changes.patch')}")
@@ -251,4 +336,5 @@ def _run_script(conn: Connection, what: str, steps: list[str], timeout: float) -
 
 def deploy_record(bundle: CodeBundle, python: str) -> dict:
     """What the ledger event `instance.deploy` records about a deploy."""
-    return {"commit": bundle.commit, "diff_hash": bundle.diff_hash, "version": bundle.version, "python": python}
+    return {"commit": bundle.commit, "shipped_commit": bundle.shipped, "diff_hash": bundle.diff_hash,
+            "version": bundle.version, "python": python}

@@ -1,22 +1,30 @@
 """The provider layer for Vast.ai, in the shape every provider has (like SkyPilot's sky/provision/<cloud>/):
 
-    launch(...)      rent one offer: ledger row first, then the create call
+    launch(...)      rent one offer: ledger row first, then one create call, then (unless the answer was
+                     a definite no) a bounded look-up by the create's unique label
     wait_ready(...)  the readiness state machine, ending in an SSH probe with the host key pinned
     query(...)       the provider's view of one instance (None when it is gone)
     terminate(...)   destroy, then confirm it is gone, retrying; only then is destroyed_at set
     list_ours(...)   instances whose label marks them as armature's
 
+Labels: `armature:<ledger id>:<run id>:<attempt id>:<ledger instance row id>`, unique per create
+try and owned by one ledger (Ledger.identity), so `reap` can tell this ledger's instances from
+those of another ledger on the same account, and a create whose answer was lost is found again.
+
 Everything Vast-specific (the SDK, its statuses, its error bodies) stays behind
 these functions. Every API call goes through `call_api`, which retries
 rate limits (429), server errors and dropped connections with backoff, on top
-of the SDK's own short retry loop.
+of the SDK's own short retry loop; except the create, which is never re-sent
+after an answer that leaves open whether it rented something.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import requests
@@ -58,25 +66,36 @@ class LaunchCancelled(Exception):
     """The caller asked to stop while an instance was booting."""
 
 
-def instance_label(run_id: str, suffix: str | int) -> str:
-    """`armature:<run_id>:<attempt id>` (or another suffix); run ids never end in ':<suffix>' ambiguity."""
-    return f"{LABEL_PREFIX}{run_id}:{suffix}"
+def instance_label(ledger_id: str, run_id: str, attempt_id: int) -> str:
+    """`armature:<ledger id>:<run id>:<attempt id>`; `launch` appends `:<ledger row id>` (one per create try).
+    Run ids and ledger ids never hold ':'."""
+    return f"{LABEL_PREFIX}{ledger_id}:{run_id}:{attempt_id}"
 
 
-def run_id_of_label(label: str | None) -> str | None:
-    if not label or not label.startswith(LABEL_PREFIX) or ":" not in label[len(LABEL_PREFIX):]:
+@dataclass(frozen=True)
+class LabelOwner:
+    ledger_id: str | None      # None: a label from before ledger ids (`armature:<run>:<suffix>`) or malformed
+    run_id: str | None
+
+
+def owner_of_label(label: str | None) -> LabelOwner | None:
+    """Who an `armature:` label says rented the instance; None for labels that are not armature's."""
+    if not label or not label.startswith(LABEL_PREFIX):
         return None
-    return label[len(LABEL_PREFIX):].rsplit(":", 1)[0]
+    fields = label[len(LABEL_PREFIX):].split(":")
+    if len(fields) == 4 and all(fields):
+        return LabelOwner(fields[0], fields[1])
+    return LabelOwner(None, fields[0] if len(fields) == 2 and fields[0] else None)
 
 
 # ---- the client and retries --------------------------------------------------------------------
 
-def make_client(server_url: str | None = None):
+def make_client(server_url: str | None = None, api_key: str | None = None, retry: int = 3):
     """A VastAI client with the key from VAST_API_KEY or the SDK's key files; a missing key is a UserError."""
     from vastai import VastAI
 
     try:
-        return VastAI(server_url=server_url, retry=3)
+        return VastAI(api_key=api_key, server_url=server_url, retry=retry)
     except RuntimeError as exc:
         raise UserError(
             "no Vast.ai API key: set VAST_API_KEY, or save the key to ~/.config/vastai/vast_api_key "
@@ -147,15 +166,35 @@ def search_offers(client, cfg: VastConfig) -> list[dict]:
                     limit=cfg.offers_per_search, storage=cfg.disk_gb, no_default=True, **_api(cfg))
 
 
+KEY_COMMENT = re.compile(r"\barmature-([0-9a-f]{12})-(\S+)$")
+
+
+def key_comment(ledger_id: str, run_id: str) -> str:
+    """The comment of a run's SSH key on the account: which ledger and run put it there."""
+    return f"armature-{ledger_id}-{run_id}"
+
+
+def owner_of_key(public_line: str) -> LabelOwner | None:
+    """The ledger and run named by an account key's comment; None for keys armature did not add."""
+    found = KEY_COMMENT.search(public_line.strip())
+    return LabelOwner(found[1], found[2]) if found else None
+
+
+def list_ssh_keys(client, cfg: VastConfig) -> list[dict]:
+    """The account's SSH keys: dicts with `id` and `key` (the public line)."""
+    return [{"id": e.get("id"), "key": str(e.get("key") or e.get("public_key") or "")}
+            for e in call_api("list ssh keys", client.show_ssh_keys, **_api(cfg)) or [] if isinstance(e, dict)]
+
+
 def _same_key(a: str, b: str) -> bool:
     return a.split()[:2] == b.split()[:2]
 
 
 def register_ssh_key(client, cfg: VastConfig, public_line: str) -> int | None:
     """Put the run's public key on the account (before any create, so new instances get it); its key id."""
-    for entry in call_api("list ssh keys", client.show_ssh_keys, **_api(cfg)) or []:
-        if isinstance(entry, dict) and _same_key(str(entry.get("key") or entry.get("public_key") or ""), public_line):
-            return entry.get("id")
+    for entry in list_ssh_keys(client, cfg):
+        if _same_key(entry["key"], public_line):
+            return entry["id"]
     created = call_api("add ssh key", client.create_ssh_key, public_line, **_api(cfg))
     if isinstance(created, dict):
         return created.get("id") or (created.get("key") or {}).get("id")
@@ -169,24 +208,29 @@ def remove_ssh_key(client, cfg: VastConfig, key_id: int) -> None:
 # ---- launch ------------------------------------------------------------------------------------------
 
 def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict, label: str,
-           public_key: str, env: dict[str, str]) -> int:
-    """Rent `offer`; returns the ledger id of the instance (its row exists before the provider is asked)."""
+           public_key: str, env: dict[str, str], onstart: str | None = None) -> int:
+    """Rent `offer`; returns the ledger id of the instance (its row exists before the provider is asked).
+    `onstart`: the instance's start command (a shell script), e.g. the boot dead-man switch.
+
+    The instance is labelled `label:<ledger row id>`, unique to this try. The create is sent once
+    (the SDK's own retries off: a re-sent create can rent twice); after any answer that is not a
+    definite no (a timeout, a 5xx, a dropped connection, an answer without an id) the instance is
+    looked up by that label until cfg.create_lookup_seconds, and recorded (and used) when found.
+    """
     instance_id = ledger.add_instance(
         run_id=run_id, provider=PROVIDER, label=label, offer_id=str(offer["id"]),
         machine_id=str(offer.get("machine_id")), gpu_name=offer.get("gpu_name"), num_gpus=offer.get("num_gpus"),
         dph_total=float(offer["dph_total"]))
+    label = f"{label}:{instance_id}"
+    ledger.update_instance(instance_id, label=label)
     try:
-        answer = call_api("create instance", client.create_instance, int(offer["id"]), image=cfg.image,
-                          disk=cfg.disk_gb, env=env, label=label, cancel_unavail=True, ssh=True, direct=True,
-                          price=offer_rules.bid_price(offer, cfg), **_api(cfg))
+        answer = _create_once(client, cfg, offer, label, env, onstart)
+        provider_id = answer.get("new_contract") if isinstance(answer, dict) else None
+        if not provider_id:
+            raise ProviderError(f"vast create instance: answer without an instance id: {answer!r}"[:300])
+        ledger.update_instance(instance_id, provider_instance_id=str(provider_id), state="booting")
     except ProviderError as exc:
-        _settle_failed_create(client, ledger, cfg, instance_id, label, exc)
-        raise
-    provider_id = answer.get("new_contract") if isinstance(answer, dict) else None
-    if not provider_id:
-        ledger.update_instance(instance_id, state="failed_create", reason=f"create answered {answer!r}"[:300])
-        raise ProviderError(f"vast create instance: unexpected answer {answer!r}"[:300])
-    ledger.update_instance(instance_id, provider_instance_id=str(provider_id), state="booting")
+        provider_id = _settle_failed_create(client, ledger, cfg, instance_id, label, exc)
     try:    # also on the instance itself: the account key can land late on a fresh instance
         call_api("attach ssh key", client.attach_ssh, int(provider_id), public_key, **_api(cfg))
     except ProviderError as exc:
@@ -194,22 +238,80 @@ def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict,
     return instance_id
 
 
+def _create_once(client, cfg: VastConfig, offer: dict, label: str, env: dict[str, str], onstart: str | None) -> dict:
+    """One create request (re-sent only after a rate limit, which rents nothing), with the SDK's retries off."""
+    once = make_client(client.client.server_url, api_key=api_key_of(client), retry=1)
+    once.client.timeout = cfg.create_timeout_seconds
+    delay = cfg.api_backoff_seconds
+    for attempt in range(1, cfg.api_retries + 1):
+        try:
+            return call_api("create instance", once.create_instance, int(offer["id"]), image=cfg.image,
+                            disk=cfg.disk_gb, env=env, label=label, onstart_cmd=onstart, cancel_unavail=True,
+                            ssh=True, direct=True, price=offer_rules.bid_price(offer, cfg), tries=1, backoff=delay)
+        except ProviderError as exc:
+            if exc.status != 429 or attempt == cfg.api_retries:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    raise AssertionError("unreachable")
+
+
+def definite_no(exc: ProviderError) -> bool:
+    """Whether a failed create certainly rented nothing: a 4xx answer (not 408, a timeout)."""
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status != 408
+
+
 def _settle_failed_create(client, ledger: Ledger, cfg: VastConfig, instance_id: int, label: str,
-                          exc: ProviderError) -> None:
-    """A create that failed: unless the answer proves nothing was rented, look for it by label."""
-    if isinstance(exc, OfferGone) or (exc.status is not None and 400 <= exc.status < 500):
+                          exc: ProviderError) -> str:
+    """A create that failed: look for its label (once after a definite no, else until the look-up deadline).
+
+    Found: recorded, and its provider id returned (the launch goes on with it). Not found: the row is
+    `failed_create` after a definite no, else `create_unknown` (still live: teardown checks the label
+    again); OfferGone / ProviderError (definite no) or LaunchFailed is raised.
+    """
+    definite = definite_no(exc)
+    deadline = time.monotonic() + (0 if definite else cfg.create_lookup_seconds)
+    while True:
+        try:
+            found = find_by_label(client, cfg, label)
+        except ProviderError:
+            found = []
+        if found:
+            provider_id = record_found(client, ledger, cfg, instance_id, found, reason=f"create answered: {exc}")
+            ledger.event(ledger.instance(instance_id)["run_id"], "instance.found_by_label", instance_id=instance_id,
+                         provider_instance_id=provider_id, label=label, create_error=str(exc)[:300])
+            return provider_id
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(cfg.status_poll_seconds, max(0.0, deadline - time.monotonic())))
+    if definite:
         ledger.update_instance(instance_id, state="failed_create", reason=str(exc)[:300])
-        return
-    try:
-        found = [i for i in list_ours(client, cfg, label) if i.get("label") == label
-                 and i.get("actual_status") not in GONE_STATUSES]
-    except ProviderError:
-        found = []
-    if found:
-        ledger.update_instance(instance_id, provider_instance_id=str(found[0]["id"]), state="booting")
-        terminate(client, ledger, cfg, instance_id, reason=f"create reported an error: {exc}")
-    else:
-        ledger.update_instance(instance_id, state="failed_create", reason=str(exc)[:300])
+        raise exc
+    ledger.update_instance(instance_id, state="create_unknown", reason=str(exc)[:300])
+    raise LaunchFailed(f"create of offer {ledger.instance(instance_id)['offer_id']} answered {exc}; no instance "
+                       f"labelled {label} appeared within {cfg.create_lookup_seconds:g}s (teardown checks again)")
+
+
+def find_by_label(client, cfg: VastConfig, label: str) -> list[dict]:
+    """Live instances carrying exactly `label`."""
+    return [i for i in list_ours(client, cfg, label) if i.get("label") == label
+            and i.get("actual_status") not in GONE_STATUSES]
+
+
+def record_found(client, ledger: Ledger, cfg: VastConfig, instance_id: int, found: list[dict], reason: str) -> str:
+    """Record the first of the instances found by a row's label on that row; any more (a create the SDK or a
+    proxy sent twice) get rows of their own and are destroyed. The first one's provider id."""
+    row = ledger.instance(instance_id)
+    first, *extra = sorted(found, key=lambda i: int(i["id"]))
+    ledger.update_instance(instance_id, provider_instance_id=str(first["id"]), state="booting")
+    for info in extra:
+        twin = ledger.add_instance(run_id=row["run_id"], provider=PROVIDER, label=row["label"],
+                                   offer_id=row["offer_id"], machine_id=str(info.get("machine_id")),
+                                   gpu_name=info.get("gpu_name"), num_gpus=info.get("num_gpus"),
+                                   dph_total=info.get("dph_total"))
+        ledger.update_instance(twin, provider_instance_id=str(info["id"]), state="booting")
+        terminate(client, ledger, cfg, twin, reason=f"a second instance for one create ({reason})"[:300])
+    return str(first["id"])
 
 
 # ---- readiness -------------------------------------------------------------------------------------
@@ -312,16 +414,21 @@ def terminate(client, ledger: Ledger, cfg: VastConfig, instance_id: int, reason:
     if row is None or row["destroyed_at"] is not None or row["state"] == "failed_create":
         return True
     run_id, provider_id = row["run_id"], row["provider_instance_id"]
+    if provider_id is None:
+        # The create never answered, or answered an error: anything it rented carries the row's label.
+        try:
+            matches = find_by_label(client, cfg, row["label"])
+        except ProviderError as exc:
+            ledger.event(run_id, "instance.destroy_unconfirmed", instance_id=instance_id, label=row["label"],
+                         error=str(exc)[:300])
+            log.error("instance row %s: cannot look its label up (%s); run `armature reap`", instance_id, exc)
+            return False
+        if not matches:
+            ledger.update_instance(instance_id, state="failed_create", reason=(row["reason"] or reason)[:300])
+            return True
+        provider_id = record_found(client, ledger, cfg, instance_id, matches, reason=reason)
     ledger.update_instance(instance_id, state="destroying", destroy_requested_at=time.time(),
                            reason=(row["reason"] or reason)[:300])
-    if provider_id is None:
-        # The create never answered: anything rented carries the label.
-        matches = [i for i in list_ours(client, cfg, row["label"]) if i.get("label") == row["label"]]
-        if not matches:
-            ledger.update_instance(instance_id, state="failed_create", reason=reason[:300])
-            return True
-        provider_id = str(matches[0]["id"])
-        ledger.update_instance(instance_id, provider_instance_id=provider_id)
     deadline = time.monotonic() + cfg.destroy_deadline_seconds
     delay = cfg.api_backoff_seconds
     delete_accepted = False

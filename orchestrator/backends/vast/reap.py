@@ -1,10 +1,17 @@
-"""Find and destroy rented instances that no live run owns (`armature reap [--dry-run]`).
+"""Find and destroy rented instances that no live run owns (`armature reap [--dry-run] [--instance ID ...]`).
 
-An instance is an orphan when its label says it is armature's (`armature:<run_id>:...`)
-and either the ledger does not know its run, or the run is not live: its state is not
-`running`, or its orchestrator's pid is dead on this host. (A run driven from another
-host counts as live: its pid cannot be checked from here.) Destruction is confirmed
-(provider.terminate) and recorded in the ledger when the ledger knows the instance.
+Only this ledger's instances are reaped: those whose label carries this ledger's id
+(`armature:<ledger id>:<run_id>:...`, see provider.py) or that the ledger recorded. One is an
+orphan when the ledger does not know its run, or the run is not live: its state is not `running`,
+or its orchestrator's pid is dead on this host (a run driven from another host counts as live:
+its pid cannot be checked from here). Instances of another ledger on the same account (another
+ARMATURE_HOME, another checkout, another person), and armature labels without a ledger id (from
+older versions), are listed as foreign and never destroyed, unless the user names them
+(`instances`). Destruction is confirmed (provider.terminate) and recorded in the ledger.
+
+`reap_keys` removes from the account the SSH keys this ledger's runs registered and did not
+remove because they did not end cleanly (a kill -9): a key left there gets root on every later
+instance of the account.
 """
 
 from __future__ import annotations
@@ -13,8 +20,7 @@ import os
 
 from orchestrator.backends.vast import provider
 from orchestrator.backends.vast.config import VastConfig
-from orchestrator.ledger import Ledger
-from orchestrator.runs import orchestrator_alive
+from orchestrator.ledger import Ledger, orchestrator_alive
 
 
 def orphan_reason(ledger: Ledger, run_id: str | None) -> str | None:
@@ -32,37 +38,58 @@ def orphan_reason(ledger: Ledger, run_id: str | None) -> str | None:
 
 
 def reap(client, ledger: Ledger, dry_run: bool = False, cfg: VastConfig | None = None,
-         only_run: str | None = None) -> list[dict]:
-    """Orphaned armature instances (of `only_run`, when given), destroyed (confirmed) unless dry_run; one dict
-    per instance: provider_instance_id, label, run_id, status, dph_total, reason, destroyed (None on a dry run)."""
+         only_run: str | None = None, instances: set[str] | None = None) -> list[dict]:
+    """This ledger's orphaned instances (of `only_run`, when given), destroyed (confirmed) unless dry_run, and
+    the armature instances of other ledgers, listed (`foreign`) but left alone. `instances` (provider ids)
+    narrows the work to those and destroys them whoever owns them. One dict per instance:
+    provider_instance_id, label, run_id, status, dph_total, reason, foreign, destroyed (None when not destroyed)."""
     cfg = cfg or VastConfig()
+    ours = ledger.identity()
+    named = {str(i) for i in instances} if instances is not None else None
     found = []
-    for info in provider.list_ours(client, cfg, provider.LABEL_PREFIX):
-        if info.get("actual_status") == "destroyed":
-            continue
-        run_id = provider.run_id_of_label(info.get("label"))
-        if only_run is not None and run_id != only_run:
-            continue
-        reason = orphan_reason(ledger, run_id)
-        if reason is None:
-            continue
+    for info in provider.list_ours(client, cfg, "" if named else provider.LABEL_PREFIX):
         provider_id = str(info["id"])
-        entry = {"provider_instance_id": provider_id, "label": info.get("label"), "run_id": run_id,
+        if info.get("actual_status") == "destroyed" or (named is not None and provider_id not in named):
+            continue
+        owner = provider.owner_of_label(info.get("label")) or provider.LabelOwner(None, None)
+        if only_run is not None and owner.run_id != only_run:
+            continue
+        recorded = _ledger_row(ledger, info) is not None
+        foreign = owner.ledger_id != ours and not recorded
+        if foreign:
+            reason = (f"another ledger's (id {owner.ledger_id})" if owner.ledger_id
+                      else "label without a ledger id (an older armature, or not armature's)")
+        else:
+            reason = orphan_reason(ledger, owner.run_id)
+        if named is not None:
+            reason = "named by the user" + (f"; {reason}" if reason else "")
+        elif reason is None:
+            continue
+        entry = {"provider_instance_id": provider_id, "label": info.get("label"), "run_id": owner.run_id,
                  "status": info.get("actual_status"), "dph_total": info.get("dph_total"), "reason": reason,
-                 "destroyed": None}
-        if not dry_run:
-            entry["destroyed"] = _destroy(client, ledger, cfg, info, run_id, reason)
+                 "foreign": foreign, "destroyed": None}
+        if not dry_run and (named is not None or not foreign):
+            entry["destroyed"] = _destroy(client, ledger, cfg, info, owner.run_id, reason)
         found.append(entry)
     return found
 
 
+def _ledger_row(ledger: Ledger, info: dict) -> dict | None:
+    """This ledger's row of a provider instance: by its id, else by a label whose create never answered."""
+    row = ledger.query_one("SELECT * FROM instances WHERE provider = ? AND provider_instance_id = ?",
+                           (provider.PROVIDER, str(info["id"])))
+    if row is None and info.get("label"):
+        row = ledger.query_one("SELECT * FROM instances WHERE provider = ? AND provider_instance_id IS NULL"
+                               " AND label = ?", (provider.PROVIDER, info["label"]))
+    return row
+
+
 def _destroy(client, ledger: Ledger, cfg: VastConfig, info: dict, run_id: str | None, reason: str) -> bool:
     provider_id = str(info["id"])
-    row = ledger.query_one("SELECT id FROM instances WHERE provider = ? AND provider_instance_id = ?",
-                           (provider.PROVIDER, provider_id))
+    row = _ledger_row(ledger, info)
     if row is None:
-        # Unknown to the ledger (rented elsewhere, or lost between create and the ledger update):
-        # record it now, so its destruction and cost are on the books.
+        # Unknown to the ledger (a foreign instance the user named, or one lost between create and the
+        # ledger update): record it now, so its destruction and cost are on the books.
         known_run = ledger.query_one("SELECT run_id FROM runs WHERE run_id=?", (run_id,)) if run_id else None
         instance_id = ledger.add_instance(
             run_id=run_id if known_run else None, provider=provider.PROVIDER, label=info.get("label") or "",
@@ -71,5 +98,28 @@ def _destroy(client, ledger: Ledger, cfg: VastConfig, info: dict, run_id: str | 
         ledger.update_instance(instance_id, provider_instance_id=provider_id, state="booting", reason="found by reap")
     else:
         instance_id = row["id"]
+        if row["provider_instance_id"] is None:
+            ledger.update_instance(instance_id, provider_instance_id=provider_id, state="booting")
     ledger.event(run_id, "instance.reap", instance_id=instance_id, provider_instance_id=provider_id, reason=reason)
     return provider.terminate(client, ledger, cfg, instance_id, reason=f"reaped: {reason}")
+
+
+def reap_keys(client, ledger: Ledger, dry_run: bool = False, cfg: VastConfig | None = None,
+              keep_run: str | None = None) -> list[dict]:
+    """This ledger's account SSH keys whose run is not live (but `keep_run`'s), removed unless dry_run; one dict
+    per key: key_id, run_id, reason, removed."""
+    cfg = cfg or VastConfig()
+    ours = ledger.identity()
+    found = []
+    for entry in provider.list_ssh_keys(client, cfg):
+        owner = provider.owner_of_key(entry["key"])
+        if owner is None or owner.ledger_id != ours or owner.run_id == keep_run:
+            continue
+        reason = orphan_reason(ledger, owner.run_id)
+        if reason is None:
+            continue
+        if not dry_run:
+            provider.remove_ssh_key(client, cfg, entry["id"])
+            ledger.event(owner.run_id, "ssh_key.reaped", key_id=entry["id"], reason=reason)
+        found.append({"key_id": entry["id"], "run_id": owner.run_id, "reason": reason, "removed": not dry_run})
+    return found

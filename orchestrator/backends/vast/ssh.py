@@ -49,6 +49,42 @@ class ConnectionLost(SshError):
     """The connection closed under a command."""
 
 
+class RefusedFile(Exception):
+    """A file the instance offered that is not pulled: a link, a FIFO, a device, or one that grew in transit."""
+
+
+# ---- what a rented host may send back ----------------------------------------------------------------
+
+MAX_NAME_LENGTH = 200
+
+
+def plain_name(name: object) -> bool:
+    """Whether a name from a remote listing is safe to use as one local file name: a single path
+    component, no leading dot (no `..`, no hidden files, no clash with our `.name.download` temps),
+    no separators or control characters (NUL included), at most MAX_NAME_LENGTH characters."""
+    return (isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH and not name.startswith(".")
+            and "/" not in name and "\\" not in name and all(ord(c) >= 32 and c != "\x7f" for c in name))
+
+
+def kind_of(mode: int | None) -> str:
+    """'file', 'dir', 'link' or 'other' (FIFO, socket, device, unknown) from an st_mode."""
+    mode = mode or 0
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "other"
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    name: str
+    kind: str                  # kind_of(st_mode), from the listing: a link is a link, not its target
+    size: int
+
+
 # Errors after which reconnecting may help. HostKeyChanged is deliberately not one of them.
 CONNECTION_ERRORS = (paramiko.SSHException, OSError, EOFError, socket.timeout, CommandTimeout, ConnectionLost)
 
@@ -227,12 +263,36 @@ class Remote:
         self.sftp.posix_rename(tmp, remote)
 
     def get_file(self, remote: str, local: Path) -> None:
-        self.sftp.get(remote, str(local))
+        """Download a regular file (never a link, FIFO or device: checked with lstat) to a new local file.
 
-    def list_dir(self, remote: str) -> list[tuple[str, bool]]:
-        """(name, is_dir) of the entries of a remote folder; [] when it does not exist."""
+        The host cannot make it grow past the size it announced, and `local` is created without
+        following a link; the caller builds `local` from names it checked (see `plain_name`).
+        """
+        attrs = self.sftp.lstat(remote)
+        if not stat.S_ISREG(attrs.st_mode or 0):
+            raise RefusedFile(f"{remote} on the instance is not a regular file ({kind_of(attrs.st_mode)})")
+        size = attrs.st_size or 0
+        local = Path(local)
+        local.unlink(missing_ok=True)
+        fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as out, self.sftp.open(remote, "rb") as source:
+            source.prefetch(size)
+            copied = 0
+            while True:
+                block = source.read(min(1 << 20, size + 1 - copied))
+                if not block:
+                    break
+                copied += len(block)
+                if copied > size:
+                    local.unlink(missing_ok=True)
+                    raise RefusedFile(f"{remote} on the instance grew past the {size} bytes it announced")
+                out.write(block)
+
+    def list_dir(self, remote: str) -> list[RemoteEntry]:
+        """The entries of a remote folder, typed from their own attributes (links are not followed);
+        [] when the folder does not exist. Names are the host's: check them with `plain_name`."""
         try:
-            return [(e.filename, stat.S_ISDIR(e.st_mode or 0)) for e in self.sftp.listdir_attr(remote)]
+            return [RemoteEntry(e.filename, kind_of(e.st_mode), e.st_size or 0) for e in self.sftp.listdir_attr(remote)]
         except FileNotFoundError:
             return []
 
