@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.ledger import ACTIVE_STATES, Ledger, orchestrator_alive  # noqa: F401 (used by reap)
+from orchestrator.procs import same_process_alive
 from orchestrator.spec import Plan, PlannedUpstream, config_hash, replicate, spec_yaml, upstream_runs
 from orchestrator.trainer_registry import load_trainer
 
@@ -100,37 +102,39 @@ def _add_upstream_runs(ledger: Ledger, run_id: str, run_dir: Path, upstreams: li
     return ids
 
 
-def _alive(pid: int, start_time: str | None) -> bool:
-    from orchestrator.backends.local import process_start_time
-    current = process_start_time(pid)
-    return current is not None and (start_time is None or current == start_time)
+def stop_local_trainer(attempt: dict) -> bool:
+    """Stop the trainer of a local attempt row if it still runs on this host: SIGTERM to its process group (it
+    checkpoints), SIGKILL after ORPHAN_GRACE_SECONDS. Returns whether one was running."""
+    pid, start_time = attempt["pid"], attempt["pid_start_time"]
+    if not pid or attempt["host"] != socket.gethostname() or not same_process_alive(pid, start_time):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.time() + ORPHAN_GRACE_SECONDS
+    while same_process_alive(pid, start_time) and time.time() < deadline:
+        time.sleep(0.2)
+    if same_process_alive(pid, start_time):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    return True
 
 
 def settle_orphans(ledger: Ledger, run_id: str) -> dict[int, dict]:
-    """After an orchestrator died: stop its local trainers (they checkpoint) and close their attempts.
+    """After an orchestrator died: stop its local trainers (they checkpoint) and close their attempts as
+    interrupted (the orchestrator's death is no failure of the arm: it does not use up max_attempts).
 
     Returns the open attempts on rented instances, keyed by arm run, for the backend to adopt.
     """
     adopt = {}
-    host = socket.gethostname()
     for attempt in ledger.open_attempts(run_id):
         if attempt["backend"] != "local":
             adopt[attempt["arm_run_id"]] = attempt
             continue
-        pid = attempt["pid"]
-        reason = "the orchestrator died; no trainer was running"
-        if pid and attempt["host"] == host and _alive(pid, attempt["pid_start_time"]):
-            try:
-                os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            deadline = time.time() + ORPHAN_GRACE_SECONDS
-            while _alive(pid, attempt["pid_start_time"]) and time.time() < deadline:
-                time.sleep(0.2)
-            if _alive(pid, attempt["pid_start_time"]):
-                os.killpg(pid, signal.SIGKILL)
-            reason = "the orchestrator died; its trainer was stopped with SIGTERM (checkpointed)"
-        ledger.end_attempt(attempt["id"], "lost", reason=reason)
+        reason = ("the orchestrator died; its trainer was stopped with SIGTERM (checkpointed)"
+                  if stop_local_trainer(attempt) else "the orchestrator died; no trainer was running")
+        ledger.end_attempt(attempt["id"], "interrupted", reason=reason)
     for arm_run in ledger.arm_runs(run_id):
         if arm_run["state"] in ACTIVE_STATES:
             why = (f"to adopt attempt {adopt[arm_run['id']]['id']} on its instance" if arm_run["id"] in adopt

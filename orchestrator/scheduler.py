@@ -17,12 +17,15 @@ Stopping an attempt early always goes through its `stop` event with a reason:
   pause      a PAUSE file: back to pending until the file is removed
   watchdog   a health breach: pending again after a cool-down, at most max_restarts times
   early_stop an early-stop rule fired: the arm run ends cancelled, with the rule as reason
+None of these uses up `max_attempts`: only attempts that end failed, lost or preempted do. The watchdog's
+cool-down waits on the GPUs of the host the stopped attempt ran on, as the ledger last recorded them.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,12 +34,14 @@ from pathlib import Path
 from orchestrator.adaptive import Round, next_round, over_budget, round_values
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Backend
 from orchestrator.ledger import FINAL_STATES, Ledger
-from orchestrator.runs import add_replicate
+from orchestrator.runs import add_replicate, stop_local_trainer
 from orchestrator.spec import Study
 from orchestrator.telemetry.gpu import GpuSample, LocalGpus, SmiGpus, host_memory_ratio
 from orchestrator.telemetry.watchdog import Watchdog, pause_requested
 
 TICK_SECONDS = 1.0                     # the loop also wakes at once when an attempt ends
+FAILED_ATTEMPT_STATES = ("failed", "lost", "preempted")     # the attempt ends that use up max_attempts
+HEALTH_FRESH_SECONDS = 30.0            # a host's GPU samples older than this no longer hold back a cool-down
 
 
 @dataclass
@@ -47,6 +52,7 @@ class Running:
     stop_reason: str | None = None
     stop_detail: str | None = None
     gpu_index: str | None = None
+    host: str | None = None
     energy_start: float | None = None
 
     def request_stop(self, reason: str, detail: str | None = None) -> None:
@@ -67,10 +73,12 @@ class Scheduler:
         self.local_gpus = local_gpus
         self.max_concurrent = max_concurrent
         self.watchdog = Watchdog(study.watchdog)
+        self.host = local_gpus.host if local_gpus is not None else socket.gethostname()    # the local samples' host
         self.running: dict[int, Running] = {}            # arm_run_id -> attempt in flight
         self.results: queue.Queue = queue.Queue()
         self._wake = threading.Event()                    # set when an attempt ends, so the loop reacts at once
         self.not_before: dict[int, float] = {}           # arm_run_id -> earliest restart (watchdog cool-down)
+        self.cool_host: dict[int, str | None] = {}       # arm_run_id -> the host whose GPUs must cool first
         self.adopt: dict[int, dict] = {}                 # arm_run_id -> open attempt to reattach (resume)
         self.interrupted = False
         self.cancelled = False
@@ -174,7 +182,7 @@ class Scheduler:
         for arm_run in self._ready(arm_runs):
             if self.max_concurrent is not None and len(self.running) >= self.max_concurrent:
                 return
-            if arm_run["id"] in self.not_before and not self._cooled():
+            if arm_run["id"] in self.not_before and not self._cooled(self.cool_host.get(arm_run["id"])):
                 continue
             self._launch(arm_run)
 
@@ -185,6 +193,7 @@ class Scheduler:
         else:
             attempt_id = self.ledger.start_attempt(arm_run["id"], backend=self.backend.name)
         self.not_before.pop(arm_run["id"], None)
+        self.cool_host.pop(arm_run["id"], None)
         if self.backend.name != "local":     # a local attempt reports `running` once Ray has started it
             self.ledger.transition(arm_run["id"], "provisioning", None, attempt_id)
             self._show(arm_run["id"], state="provisioning")
@@ -207,6 +216,9 @@ class Scheduler:
             result = self.backend.run_attempt(spec, lambda event: self._on_event(running, event), running.stop)
         except Exception as exc:  # a backend bug must not take the run down with it
             result = AttemptResult("lost", None, f"{type(exc).__name__}: {exc}")
+            if self.backend.name == "local":    # nor leave its trainer running beside the next attempt's
+                if stop_local_trainer(self._attempt_row(spec.arm_run_id, spec.attempt_id)):
+                    result.reason += "; its trainer was stopped with SIGTERM (checkpointed)"
         self.results.put((running, result))
         self._wake.set()
 
@@ -227,6 +239,7 @@ class Scheduler:
             fields = {k: v for k, v in event.items() if k != "kind"}
             self.ledger.update_attempt(running.attempt_id, **fields)
             running.gpu_index = fields.get("gpu_index")
+            running.host = fields.get("host")
             running.energy_start = self._energy(running)
             self._show(arm_run_id, hardware=fields.get("hardware"))
         elif kind == "health":
@@ -304,11 +317,19 @@ class Scheduler:
             if not self.watchdog.restart_allowed(restarts - 1):
                 return "failed", f"{running.stop_detail}; gave up after {restarts - 1} restarts"
             self.not_before[arm_run_id] = time.time() + self.study.watchdog.cooldown_seconds
+            self.cool_host[arm_run_id] = self._attempt_row(arm_run_id, running.attempt_id)["host"]
             return "pending", f"{running.stop_detail}; restart {restarts} after cool-down"
-        attempts = len(self.ledger.attempts(arm_run_id))
-        if attempts >= self.study.max_attempts:
-            return "failed", f"{outcome} {attempts} times; last: {result.reason}"
+        # this attempt failed; max_attempts counts failures only, not pauses, interrupts, watchdog stops or
+        # attempts closed because the orchestrator died
+        earlier = [a for a in self.ledger.attempts(arm_run_id) if a["id"] != running.attempt_id]
+        failures = 1 + sum(a["state"] in FAILED_ATTEMPT_STATES for a in earlier)
+        if failures >= self.study.max_attempts:
+            return "failed", f"{failures} failed attempts (max_attempts {self.study.max_attempts}); " \
+                             f"last: {outcome}: {result.reason}"
         return "pending", f"{outcome}: {result.reason}; retrying from the last checkpoint"
+
+    def _attempt_row(self, arm_run_id: int, attempt_id: int) -> dict:
+        return next(a for a in self.ledger.attempts(arm_run_id) if a["id"] == attempt_id)
 
     def _fail_orphans_of_failed_upstreams(self, arm_runs: list[dict]) -> None:
         by_id = {r["id"]: r for r in arm_runs}
@@ -339,8 +360,14 @@ class Scheduler:
             return []
         return self.local_gpus.read()
 
-    def _cooled(self) -> bool:
-        return self.watchdog.cooled(self._local_samples())
+    def _cooled(self, host: str | None) -> bool:
+        """Have the GPUs of the host a watchdog-stopped attempt ran on cooled down? Read from the host's latest
+        samples in the ledger (this machine's, recorded by `_check_watchdog`; a rented one's, streamed by its
+        attempts); with none fresh there is nothing to wait for."""
+        max_age = max(HEALTH_FRESH_SECONDS, 3 * self.study.watchdog.poll_seconds)
+        samples = [GpuSample.from_dict(json.loads(row["sample_json"]))
+                   for row in self.ledger.latest_health(max_age_s=max_age) if row["host"] == host]
+        return self.watchdog.cooled(samples)
 
     def _check_watchdog(self) -> None:
         if not self.study.watchdog.enabled or self.backend.name != "local":
@@ -350,13 +377,15 @@ class Scheduler:
             return
         self._last_watchdog = now
         samples = self._local_samples()
-        breach = self.watchdog.check(samples, host_memory_ratio())
+        self.ledger.record_health([sample.to_dict() for sample in samples], self.run_id)
+        breach = self.watchdog.check(samples, host_memory_ratio(), host=self.host)
         if breach is None:
             return
         for running in list(self.running.values()):
-            # a CPU arm shares the machine with an overheating GPU: it stops too
+            # a CPU arm shares the machine with an overheating GPU: it stops too; an arm on another node does not
             on_gpu = breach.gpu is None or not running.gpu_index or breach.gpu in running.gpu_index.split(",")
-            if running.stop_reason is None and on_gpu:
+            on_host = running.host is None or running.host == breach.host
+            if running.stop_reason is None and on_gpu and on_host:
                 self._watchdog_stop(running, breach.message)
 
     def _watchdog_stop(self, running: Running, message: str) -> None:

@@ -370,6 +370,7 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
     arm_trainers = {study.trainer: trainer}
     variants: list[_Variant] = []
     grid_keys = list(study.grid)
+    _check_grid_labels(study.grid, where)
     for index, arm in enumerate(named_arms):
         info = arm_trainers.get(arm.trainer or study.trainer)
         if info is None:
@@ -386,7 +387,12 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
             variants.append(_Variant(name, info, {**base_flat, **arm_flat, **dict(zip(grid_keys, point))},
                                      {**sources, **arm_sources, **grid_sources}, [*arm_flat, *grid_keys]))
 
+    seen: set[str] = set()
     for variant in variants:
+        if variant.name in seen:        # labels unique per key can still join into one name ("a_b" + "c")
+            raise SpecError(f"{where.at(('grid',))}: two grid points are both named {variant.name!r}; "
+                            f"grid values must give distinct arm names")
+        seen.add(variant.name)
         _check_keys(variant)
     if study.baseline is not None and study.baseline not in {v.name for v in variants}:
         raise SpecError(f"{where.at(('baseline',))}: baseline {study.baseline!r} is not an arm; arms: "
@@ -584,6 +590,30 @@ def _yaml_path(tree: dict, dotted: str) -> tuple:
         if isinstance(value, dict) and dotted.startswith(key + "."):
             return (key,) + _yaml_path(value, dotted[len(key) + 1:])
     return (head,)
+
+
+def _check_grid_labels(grid: dict[str, list[Any]], where: "_Where") -> None:
+    """Two values of one grid key must differ as labels and as numbers: one label would give their arms one name
+    (one of them lost, its runs taken for the other's seeds), and YAML reads 1e-3 as a string that the trainer's
+    config then reads as the number 0.001."""
+    for key, values in grid.items():
+        seen: dict[Any, Any] = {}
+        for value in values:
+            for same in (_short(value), _as_number(value)):
+                if same is not None and same in seen:
+                    raise SpecError(f"{where.at(('grid', key))}: grid {key}: values {seen[same]!r} and {value!r} "
+                                    f"are the same value or give the same arm label ({key.split('.')[-1]}="
+                                    f"{_short(value)}); give distinct values")
+            seen.update({same: value for same in (_short(value), _as_number(value)) if same is not None})
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _short(value: Any) -> str:

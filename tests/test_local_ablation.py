@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import signal
+import time
 
 from tests.armature_helpers import (TINY_VQVAE_BASE, armature, ledger, metric_steps, start_armature, tiny_spec,
                                     wait_for)
@@ -137,11 +138,85 @@ def test_kill_9_then_resume_runs_no_arm_twice(tmp_path):
     assert all(r["state"] == "succeeded" for r in arm_runs)
     for arm_run in arm_runs:
         attempts = db.attempts(arm_run["id"])
-        assert attempts[0]["state"] == "lost" and attempts[-1]["state"] == "succeeded"
+        # the orchestrator's death is no failure of the arm: its attempt is closed as interrupted
+        assert attempts[0]["state"] == "interrupted" and attempts[-1]["state"] == "succeeded"
         for earlier, later in zip(attempts, attempts[1:]):
             assert later["started_at"] >= earlier["ended_at"], "two attempts of one arm run overlapped"
     _assert_curve_continues(home, "k9", arm_runs, 400)
     assert _trainer_pids(home / "k9") == []
+
+
+ONE_ARM = LONG_ARMS.replace("  - name: b\n    set: {model.codebook_size: 16}\n", "")
+
+
+def _open_attempt(home, run_id):
+    (attempt,) = ledger(home).open_attempts(run_id)
+    return attempt
+
+
+def test_pause_and_a_sigkill_use_up_only_failed_attempts(tmp_path):
+    """max_attempts: 2; a PAUSE cycle, then the out-of-memory killer's SIGKILL: the arm retries from its
+    checkpoint and succeeds, because only the SIGKILL counts as a failed attempt."""
+    home = tmp_path / "home"
+    spec = ONE_ARM.replace("arms:", "max_attempts: 2\narms:").replace("steps: 400,", "steps: 800,")
+    proc = start_armature(home, "ablation", str(tiny_spec(tmp_path, spec)), "--run-id", "sk", "--metrics-port", "-1",
+                          log=tmp_path / "log")
+    out = home / "sk" / "a" / "seed0"
+    try:
+        wait_for(lambda: (home / "ledger.sqlite").exists() and _running_with_progress(home, "sk", 20), 180,
+                 "the arm past step 20")
+        (home / "sk" / "PAUSE").touch()
+        wait_for(lambda: "paused" in (ledger(home).arm_runs("sk")[0]["reason"] or ""), 60, "the arm to pause")
+        (home / "sk" / "PAUSE").unlink()
+        wait_for(lambda: "resumed from" in (out / "log").read_text(), 120, "the second attempt training",
+                 interval=0.05)
+        os.kill(_open_attempt(home, "sk")["pid"], signal.SIGKILL)
+        assert proc.wait(180) == 0, (tmp_path / "log").read_text()
+    finally:
+        proc.kill()
+    db = ledger(home)
+    (arm_run,) = db.arm_runs("sk")
+    assert arm_run["state"] == "succeeded"
+    paused, killed, last = db.attempts(arm_run["id"])
+    assert (paused["state"], killed["state"], last["state"]) == ("interrupted", "lost", "succeeded")
+    assert killed["exit_code"] == -9
+    assert "killed by SIGKILL (signal 9), possibly the out-of-memory killer" in killed["reason"]
+    assert any("SIGKILL" in (t["reason"] or "") and "retrying from the last checkpoint" in t["reason"]
+               for t in db.transitions(arm_run["id"]))
+    assert (out / "log").read_text().lower().count("resumed from") == 2
+    _assert_curve_continues(home, "sk", [arm_run], 800)
+
+
+def test_an_event_the_ledger_refuses_stops_the_trainer_before_the_arm_is_retried(tmp_path):
+    """A metrics row the ledger cannot store (its `time` is a list): the attempt's trainer is stopped (it
+    checkpoints) before the arm run's next attempt starts, never two trainers in one folder."""
+    home = tmp_path / "home"
+    spec = ONE_ARM.replace("arms:", "max_attempts: 2\narms:")
+    proc = start_armature(home, "ablation", str(tiny_spec(tmp_path, spec)), "--run-id", "rf", "--metrics-port", "-1",
+                          log=tmp_path / "log")
+    most_trainers = 0
+    try:
+        wait_for(lambda: (home / "ledger.sqlite").exists() and _running_with_progress(home, "rf", 10), 180,
+                 "the arm past step 10")
+        with open(home / "rf" / "a" / "seed0" / "metrics.jsonl", "a") as metrics:
+            metrics.write('{"step": 1, "time": [0]}\n')
+        while proc.poll() is None:
+            most_trainers = max(most_trainers, len(_trainer_pids(home / "rf")))
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, (tmp_path / "log").read_text()           # the arm did not finish
+    assert most_trainers == 1, "two trainers ran in one arm run's folder"
+    db = ledger(home)
+    (arm_run,) = db.arm_runs("rf")
+    first, second = db.attempts(arm_run["id"])
+    assert second["started_at"] >= first["ended_at"]
+    assert first["exit_code"] == 143                                        # stopped by SIGTERM, checkpointed
+    assert second["exit_code"] in (143, -signal.SIGTERM)                    # (maybe before its handler was set)
+    for attempt in (first, second):
+        assert attempt["state"] == "lost"
+        assert "could not record an event" in attempt["reason"] and "ProgrammingError" in attempt["reason"]
+    assert arm_run["state"] == "failed" and arm_run["reason"].startswith("2 failed attempts (max_attempts 2)")
 
 
 def test_diverged_arm_ends_diverged_and_the_others_go_on(tmp_path):

@@ -57,6 +57,18 @@ def test_grid_alone_names_arms_by_values(tmp_path):
     assert len(plan.arm_runs) == 4
 
 
+@pytest.mark.parametrize("grid, shown", [
+    ('{steps: [5, 6], data.cache_dir: ["/tmp/a/b", "/tmp/a-b"]}', "data.cache_dir: values '/tmp/a/b' and '/tmp/a-b'"),
+    ("{steps: [5, 6], lr: [1e-3, 0.001]}", "lr: values '1e-3' and 0.001"),      # YAML reads 1e-3 as a string
+    ("{lr: [0.001, 0.0010]}", "lr: values 0.001 and 0.001"),
+])
+def test_grid_values_with_one_label_are_refused(tmp_path, grid, shown):
+    with pytest.raises(SpecError) as err:
+        plan_of(tmp_path, VQ + f"grid: {grid}\n")
+    message = str(err.value)
+    assert "spec.yaml:4: grid " + shown in message and "distinct values" in message
+
+
 def test_set_overrides_spec_and_base(tmp_path):
     plan = plan_of(tmp_path, VQ + "base: {steps: 30}\n",
                    sets=["base.steps=7", "seeds=3", "resources.gpus=0.5", "base.model.channels=4"])

@@ -69,6 +69,26 @@ def test_resume_truncates_metrics_and_restores_rng(tmp_path):
     assert [r["step"] for r in rows(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
+class Payload:
+    """Unpickling this runs code: what a hostile checkpoint or artifact would carry."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_checkpoints_and_artifacts_load_without_arbitrary_unpickling(tmp_path):
+    run = Run(TinyConfig(), tmp_path)
+    run.save_checkpoint(3, {"w": torch.ones(2)})
+    assert Run(TinyConfig(), tmp_path).resume()["step"] == 3          # numpy's RNG state is allowed
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    torch.save({**checkpoint, "evil": Payload()}, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(RuntimeError, match="last.pt: refused"):
+        Run(TinyConfig(), tmp_path).resume()
+    torch.save({"config": {}, "evil": Payload()}, tmp_path / "artifact.pt")
+    with pytest.raises(RuntimeError, match="artifact.pt: refused"):
+        load_artifact(tmp_path)
+
+
 def test_resume_without_checkpoint_drops_stale_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "time": 0, "loss": 2.0}\n')
     run = Run(TinyConfig(), tmp_path)

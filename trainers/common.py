@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -185,12 +186,29 @@ def _to_jsonable(v):
     return str(v)
 
 
+# What a checkpoint's numpy RNG state (np.random.get_state(): a uint32 array) needs to unpickle beyond
+# torch.load(weights_only=True)'s tensors and plain containers: constructors of plain arrays, nothing that runs code.
+_multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray     # numpy 2 / numpy 1
+NUMPY_RNG_STATE = [_multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_weights_only(path, map_location="cpu") -> dict:
+    """torch.load of a checkpoint or artifact without arbitrary unpickling (a file that came from another
+    machine cannot run code here): tensors, plain containers and NUMPY_RNG_STATE only."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_RNG_STATE):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RuntimeError(f"{path}: refused: it holds more than tensors, plain containers and numpy's RNG state "
+                           f"({str(exc).splitlines()[0]})") from None
+
+
 def load_artifact(out_dir, map_location="cpu") -> dict:
-    """Loads OUT/artifact.pt written by Run.save_artifact (our own file, so full unpickling)."""
+    """Loads OUT/artifact.pt written by Run.save_artifact."""
     path = Path(out_dir) / "artifact.pt"
     if not path.exists():
         raise FileNotFoundError(f"no artifact at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return load_weights_only(path, map_location)
 
 
 def averaged_eval_steps(cfg) -> list[int]:
@@ -310,7 +328,7 @@ class Run:
         if not self.ckpt_path.exists():
             self._truncate_metrics(-1)
             return None
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        state = load_weights_only(self.ckpt_path)
         _set_rng_state(state.pop("_rng"))
         self._prior_wall = float(state.pop("_wall_time_s", 0.0))
         self._t0 = time.time()

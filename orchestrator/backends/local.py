@@ -150,9 +150,21 @@ def _attempt_task(spec: AttemptSpec, board):
         result = AttemptResult("diverged", code, "loss became NaN or inf", end_step)
     elif stop_sent_at is not None:
         result = AttemptResult("interrupted", code, "stopped", end_step)
+    elif code == -signal.SIGKILL:           # not ours: the out-of-memory killer, or a person; retried from the checkpoint
+        result = AttemptResult("lost", code, f"{_exit_reason(code)}, possibly the out-of-memory killer", end_step)
     else:
-        result = AttemptResult("failed", code, f"trainer exited {code}: {log_tail(out / 'log')}", end_step)
+        result = AttemptResult("failed", code, f"{_exit_reason(code)}: {log_tail(out / 'log')}", end_step)
     yield {"kind": "result", "result": result}
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "a signal"
+        return f"trainer killed by {name} (signal {-code})"
+    return f"trainer exited {code}"
 
 
 class LocalBackend:
@@ -199,17 +211,27 @@ class LocalBackend:
         done = threading.Event()
         threading.Thread(target=self._forward_stop, args=(spec.attempt_id, stop, done), daemon=True).start()
         result = AttemptResult("lost", None, "the Ray task ended without a result")
+        unrecorded = None                   # why the driver could not take an event, once it could not
         try:
             for ref in stream:
                 event = ray.get(ref)
                 if event["kind"] == "result":
                     result = event["result"]
-                else:
-                    emit(event)
+                elif unrecorded is None:
+                    try:
+                        emit(event)
+                    except Exception as exc:
+                        # The attempt cannot go on unrecorded. Stop its trainer (it checkpoints) and wait for the
+                        # task to end, so the arm run's next attempt never runs beside it in the same folder.
+                        unrecorded = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        ray.get(self._board.stop.remote(spec.attempt_id))
         except ray.exceptions.RayError as exc:
             result = AttemptResult("lost", None, f"Ray task lost: {type(exc).__name__}: {str(exc)[:300]}")
         finally:
             done.set()
+        if unrecorded is not None:
+            return AttemptResult("lost", result.exit_code, f"the orchestrator could not record an event of this "
+                                 f"attempt ({unrecorded}); its trainer was stopped", result.end_step)
         return result
 
     def _forward_stop(self, attempt_id: int, stop: threading.Event, done: threading.Event) -> None:
