@@ -64,9 +64,24 @@ exporter: $(STAMP)
 reap: $(STAMP)
 	$(VENV)/bin/armature reap $(ARGS)
 
+# Prometheus and Grafana in docker; without the docker compose plugin, the local prometheus binary
+# (`make system-deps` installs it) on infra/prometheus/prometheus.yml in the foreground, data in runs/prometheus
+# (PROMETHEUS, PROMETHEUS_PORT and PROMETHEUS_DATA in the environment change the binary, port and folder).
 monitor:
-	docker compose -f infra/docker-compose.yml up -d
-	@echo "Grafana: http://localhost:3000  (Prometheus: http://localhost:9090)"
+	@if docker compose version >/dev/null 2>&1; then \
+		docker compose -f infra/docker-compose.yml up -d && \
+		echo "Grafana: http://localhost:3000  (Prometheus: http://localhost:9090)"; \
+	elif command -v "$${PROMETHEUS:-prometheus}" >/dev/null 2>&1; then \
+		echo "docker compose plugin not found (install docker-compose-plugin for Grafana too): running the local" \
+			"Prometheus on infra/prometheus/prometheus.yml at http://127.0.0.1:$${PROMETHEUS_PORT:-9090} (Ctrl-C stops)"; \
+		data="$${PROMETHEUS_DATA:-runs/prometheus}"; mkdir -p "$$data" && \
+		exec "$${PROMETHEUS:-prometheus}" --config.file=infra/prometheus/prometheus.yml \
+			--storage.tsdb.path="$$data" --web.listen-address=127.0.0.1:$${PROMETHEUS_PORT:-9090}; \
+	else \
+		echo "docker compose plugin not found: install docker-compose-plugin, or run Prometheus with" \
+			"infra/prometheus/prometheus.yml yourself" >&2; \
+		exit 1; \
+	fi
 
 cloud-sim: $(STAMP) system-deps
 	$(PY) -m infra.vastsim --port 8765 --state-dir runs/vastsim

@@ -218,13 +218,16 @@ def _current_run(ledger: Ledger, demo: DemoLedger, now: float) -> None:
 # ---- a real Prometheus ----------------------------------------------------------------------
 
 class PrometheusServer:
-    """A Prometheus in `workdir` scraping `targets` (host:port) every second as job "armature"."""
+    """A Prometheus in `workdir` scraping `targets` (host:port) every second as job "armature"; or, given
+    `scrape_configs`, scraping those (`targets` then lists the ones expected to answer)."""
 
-    def __init__(self, workdir: Path, targets: list[str], rule_files: list[Path] = (), job: str = "armature"):
+    def __init__(self, workdir: Path, targets: list[str], rule_files: list[Path] = (), job: str = "armature",
+                 scrape_configs: list[dict] | None = None):
         self.workdir = Path(workdir)
         self.targets = targets
         self.rule_files = [Path(p).resolve() for p in rule_files]
         self.job = job
+        self.scrape_configs = scrape_configs or [{"job_name": job, "static_configs": [{"targets": targets}]}]
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -238,7 +241,7 @@ class PrometheusServer:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
             "rule_files": [str(p) for p in self.rule_files],
-            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": self.targets}]}],
+            "scrape_configs": self.scrape_configs,
         }
         config_path = self.workdir / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))

@@ -1,5 +1,7 @@
 """Every dashboard query and template variable, run against a real Prometheus scraping the real exporter;
-the alert rules through promtool; the compose and provisioning files agree with each other."""
+a study's exporter and the standalone one scraped through the shipped prometheus.yml without a series twice;
+the alert rules through promtool; the dashboards import anywhere ($datasource, __inputs); the compose and
+provisioning files agree with each other."""
 
 import json
 import re
@@ -8,15 +10,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.cli import STUDY_METRICS_PORTS
 from orchestrator.telemetry.exporter import DEFAULT_PORT, METRICS, Exporter
 from tests.prom_helpers import (
-    HOT_HOST, NO_PROMETHEUS_REASON, PROMETHEUS, PROMTOOL, PrometheusServer, build_demo_ledger, promtool,
+    HOT_HOST, NO_PROMETHEUS_REASON, PROMETHEUS, PROMTOOL, PrometheusServer, build_demo_ledger, free_port, promtool,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((REPO_ROOT / "dashboards").glob("*.json"))
 INFRA = REPO_ROOT / "infra"
 RULES = INFRA / "prometheus" / "rules.yml"
+PROMETHEUS_YML = INFRA / "prometheus" / "prometheus.yml"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}     # what every panel, target and query variable uses
 
 # What Grafana puts in place of its built-in variables, for a 1 s scrape interval.
 GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__interval_ms": "15000", "$__interval": "15s",
@@ -38,6 +43,10 @@ def panels(dashboard: dict) -> list[dict]:
     return found
 
 
+def query_variables(dashboard: dict) -> list[dict]:
+    return [v for v in dashboard["templating"]["list"] if v["type"] != "datasource"]
+
+
 def variable_query(variable: dict) -> str:
     query = variable["query"]
     return query["query"] if isinstance(query, dict) else query
@@ -56,7 +65,7 @@ def resolve_variables(prometheus: PrometheusServer, dashboard: dict) -> dict[str
     """Each variable's values through the label values API (earlier variables substituted, as Grafana
     does); the value used is what selecting "All" gives: allValue, or every value as a regex alternation."""
     chosen: dict[str, str] = {}
-    for variable in dashboard["templating"]["list"]:
+    for variable in query_variables(dashboard):
         match = LABEL_VALUES.match(variable_query(variable))
         assert match, f"{dashboard['title']}: variable {variable['name']} is not a label_values() query"
         selector = match["selector"] and substitute(match["selector"], chosen)
@@ -98,15 +107,52 @@ def test_dashboard_structure(path):
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     for panel in panels(dashboard):
-        assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}, panel["title"]
+        assert panel["datasource"] == DATASOURCE, panel["title"]
         assert panel["targets"], panel["title"]
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
         for target in panel["targets"]:
-            assert target["datasource"]["uid"] == "prometheus"
+            assert target["datasource"] == DATASOURCE, panel["title"]
             for name in re.findall(r"\barmature_\w+", target["expr"]):
                 assert name in METRICS, f"{panel['title']}: {name} is not a series the exporter serves"
-    for variable in dashboard["templating"]["list"]:
-        assert variable["datasource"]["uid"] == "prometheus"
+    for variable in query_variables(dashboard):
+        assert variable["datasource"] == DATASOURCE, variable["name"]
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_imports_into_any_grafana(path):
+    """No data source uid is hard-coded: a `datasource` variable (first, so the others can use it) picks any
+    Prometheus, and __inputs makes Grafana's import ask which one (its answer becomes the variable's default)."""
+    dashboard = load(path)
+    first = dashboard["templating"]["list"][0]
+    assert (first["type"], first["name"], first["query"]) == ("datasource", "datasource", "prometheus")
+    (data_input,) = dashboard["__inputs"]
+    assert (data_input["type"], data_input["pluginId"]) == ("datasource", "prometheus")
+    assert first["current"]["value"] == "${" + data_input["name"] + "}"
+    uids = re.findall(r'"uid":\s*"([^"]*)"', path.read_text())
+    assert set(uids) <= {"${datasource}", "-- Grafana --", dashboard["uid"]}, set(uids)
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_every_query_can_be_narrowed_to_a_job_and_an_exporter(path):
+    """Where several Prometheus jobs or exporters carry armature series, the job and instance variables pick."""
+    dashboard = load(path)
+    names = [v["name"] for v in dashboard["templating"]["list"]]
+    assert names[:3] == ["datasource", "job", "instance"]
+    exprs = [variable_query(v) for v in query_variables(dashboard)[2:]]
+    exprs += [target["expr"] for panel in panels(dashboard) for target in panel["targets"]]
+    for expr in exprs:
+        for name, selector in re.findall(r"\b(armature_\w+)(\{[^}]*\})?", expr):
+            assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, f"{name} in {expr}"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_legends_of_arm_runs_name_the_run(path):
+    """With several studies selected, a curve labelled only by arm and seed would be ambiguous."""
+    for panel in panels(load(path)):
+        for target in panel["targets"]:
+            legend = target.get("legendFormat", "")
+            if "{{arm}}" in legend or "{{seed}}" in legend:
+                assert "{{run}}" in legend, f"{panel['title']}: {legend}"
 
 
 @requires_prometheus
@@ -131,7 +177,8 @@ def test_variables_narrow_down(prometheus):
     """A concrete selection works too: the hot GPU's run, host and GPU."""
     dashboard = load(REPO_ROOT / "dashboards" / "gpu_health.json")
     temperature = next(p for p in panels(dashboard) if p["title"] == "Temperature")
-    expr = substitute(temperature["targets"][0]["expr"], {"run": "abl-demo", "host": HOT_HOST, "gpu": "0"})
+    expr = substitute(temperature["targets"][0]["expr"],
+                      {"job": "armature", "instance": ".*", "run": "abl-demo", "host": HOT_HOST, "gpu": "0"})
     (series,) = prometheus.query(expr)
     assert float(series["value"][1]) == 91.0
 
@@ -192,7 +239,9 @@ def test_compose_prometheus_and_grafana_files_agree():
     for rule_file in prometheus_config["rule_files"]:
         assert mounts[(INFRA / "prometheus" / rule_file).resolve()] == str(Path(config_target).parent / rule_file)
     (scrape,) = prometheus_config["scrape_configs"]
-    assert scrape["static_configs"][0]["targets"] == [f"127.0.0.1:{DEFAULT_PORT}"]
+    targets = {target: group["labels"]["exporter"] for group in scrape["static_configs"] for target in group["targets"]}
+    assert targets == {f"127.0.0.1:{DEFAULT_PORT}": "standalone",
+                       **{f"127.0.0.1:{port}": "study" for port in STUDY_METRICS_PORTS}}
 
     dashboards_provider = yaml.safe_load(
         (INFRA / "grafana" / "provisioning" / "dashboards" / "armature.yml").read_text())["providers"][0]
@@ -204,3 +253,79 @@ def test_compose_prometheus_and_grafana_files_agree():
     assert datasource["uid"] == "prometheus"
     listen = next(arg for arg in compose["services"]["prometheus"]["command"] if arg.startswith("--web.listen"))
     assert datasource["url"] == "http://" + listen.split("=", 1)[1]
+
+
+# ---- a study's exporter beside the standalone one, through the shipped prometheus.yml ------------------------
+
+
+# Series about the exporter itself: each exporter has its own (told apart by `instance`).
+PER_EXPORTER_SERIES = {"armature_exporter_scrape_duration_seconds", "armature_ledger_up", "armature_nvml_up",
+                       "armature_nvml_unavailable_info"}
+
+
+def shipped_scrape_configs(ports: dict[int, int]) -> list[dict]:
+    """infra/prometheus/prometheus.yml's scrape configs, each exporter port moved to where this test listens."""
+    configs = yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]
+    for config in configs:
+        for group in config["static_configs"]:
+            group["targets"] = [f"127.0.0.1:{ports[int(t.rsplit(':', 1)[1])]}" for t in group["targets"]]
+    return configs
+
+
+@pytest.fixture(scope="module")
+def study_and_standalone(tmp_path_factory):
+    """The demo ledger's running run abl-demo (driven by this process) served by its study's exporter, the
+    finished abl-old by the standalone exporter; Prometheus scrapes both through the shipped config."""
+    if not (PROMETHEUS and PROMTOOL):
+        pytest.skip(NO_PROMETHEUS_REASON)
+    workdir = tmp_path_factory.mktemp("prometheus-two-exporters")
+    demo = build_demo_ledger(workdir / "ledger.sqlite")
+    standalone = Exporter(demo.path, host="orchestrator-box", port=0, skip_live_runs=True).start()
+    study = Exporter(demo.path, host="orchestrator-box", port=0, only_run=demo.run_id).start()
+    ports = {DEFAULT_PORT: standalone.port, STUDY_METRICS_PORTS[0]: study.port}
+    ports.update({port: free_port() for port in STUDY_METRICS_PORTS[1:]})       # studies not running: nothing there
+    try:
+        with PrometheusServer(workdir, [f"127.0.0.1:{standalone.port}", f"127.0.0.1:{study.port}"],
+                              rule_files=[RULES], scrape_configs=shipped_scrape_configs(ports)) as server:
+            server.wait_for_scrapes(count=3)
+            yield server, demo, f"127.0.0.1:{study.port}", f"127.0.0.1:{standalone.port}"
+    finally:
+        standalone.stop()
+        study.stop()
+
+
+@requires_prometheus
+def test_two_exporters_serve_no_series_twice(study_and_standalone):
+    server, demo, study_target, standalone_target = study_and_standalone
+    series = server.api("series", **{"match[]": '{__name__=~"armature_.+"}'})
+    seen: dict[tuple, str] = {}
+    for labels in series:
+        if labels["__name__"] in PER_EXPORTER_SERIES:
+            continue
+        key = tuple(sorted((k, v) for k, v in labels.items() if k not in ("instance", "exporter")))
+        assert key not in seen, f"{dict(key)} from both {seen[key]} and {labels['instance']}"
+        seen[key] = labels["instance"]
+        if labels.get("run") == demo.run_id:
+            assert labels["instance"] == study_target, labels
+        elif labels.get("run"):
+            assert labels["instance"] == standalone_target, labels
+    assert {labels.get("run") for labels in series} >= {demo.run_id, demo.old_run_id}
+
+
+@requires_prometheus
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
+def test_dashboard_queries_of_one_study_return_only_its_series(study_and_standalone, path):
+    server, demo, _, _ = study_and_standalone
+    dashboard = load(path)
+    values = {**resolve_variables(server, dashboard), "run": demo.run_id}
+    answered = 0
+    for panel in panels(dashboard):
+        for target in panel["targets"]:
+            result = server.query(substitute(target["expr"], values))
+            runs = {series["metric"]["run"] for series in result if "run" in series["metric"]}
+            assert runs <= {demo.run_id}, f"{panel['title']}: {runs}"
+            curves = [tuple(sorted((k, v) for k, v in series["metric"].items() if k not in ("instance", "exporter")))
+                      for series in result if series["metric"].get("__name__") not in PER_EXPORTER_SERIES]
+            assert len(curves) == len(set(curves)), f"{panel['title']}: a curve twice: {sorted(curves)}"
+            answered += bool(runs)
+    assert answered >= 3

@@ -7,7 +7,15 @@ queries. So the same exporter serves during an ablation and between runs, and
 a missing NVML or a ledger that does not exist yet only shows as 0 in
 `armature_nvml_up` / `armature_ledger_up`.
 
-Runs exported: every running run and the RECENT_RUNS most recent ones. State-like
+Runs exported: every running run and the RECENT_RUNS most recent ones. Two exporters can serve one ledger
+side by side without a series twice (infra/prometheus/prometheus.yml scrapes both):
+- a study's exporter (`armature ablation`, port 9109..9112; `only_run`) serves only its own run: the run's
+  series, its arm runs, instances and the GPUs its attempts use (plus the exporter's own up/NVML series);
+- the standalone exporter (`armature exporter`, port 9108; `skip_live_runs`) serves the rest: every run
+  not driven by a live orchestrator on this host, the idle GPUs and the ledger-wide `armature_runs`.
+  A run whose orchestrator lives shows only through that orchestrator's exporter (none with
+  `--metrics-port -1`); once the orchestrator ends, the standalone exporter serves the run again.
+An exporter built with neither serves everything (what tests and one-off scrapes use). State-like
 series (`armature_arm_state`, `armature_run_state`, `armature_gpu_throttle_active`)
 carry one series per thing, for its current state or each active reason, rather
 than a 0 for every state it is not in: that keeps a scrape of a busy ledger small.
@@ -33,7 +41,7 @@ from prometheus_client.exposition import generate_latest, start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from orchestrator.errors import UserError
-from orchestrator.ledger import RUN_STATES, Ledger
+from orchestrator.ledger import RUN_STATES, Ledger, orchestrator_alive
 from orchestrator.telemetry.gpu import GpuSample, LocalGpus, throttle_reasons_active
 
 log = logging.getLogger(__name__)
@@ -169,14 +177,25 @@ class ArmatureCollector(Collector):
     """Collects every armature series from NVML and the ledger, on each scrape."""
 
     def __init__(self, ledger_path: str | os.PathLike, host: str, local_gpus: LocalGpus, *,
-                 health_max_age_s: float = HEALTH_MAX_AGE_S, recent_runs: int = RECENT_RUNS):
+                 health_max_age_s: float = HEALTH_MAX_AGE_S, recent_runs: int = RECENT_RUNS,
+                 only_run: str | None = None, skip_live_runs: bool = False):
         self.ledger_path = Path(ledger_path)
         self.host = host
         self.local_gpus = local_gpus
         self.health_max_age_s = health_max_age_s
         self.recent_runs = recent_runs
+        self.only_run = only_run                # a study's exporter: this run's series only
+        self.skip_live_runs = skip_live_runs    # the standalone exporter: not the runs live studies serve
+        self._live_runs: set[str] = set()       # runs driven by a live orchestrator, as of this scrape
         self._ledger: Ledger | None = None
         self._cost_error_logged = False
+
+    def _serves(self, run_ids: str | None) -> bool:
+        """Does this exporter serve series of this run (or of these comma-joined runs; "" or None: no run)?"""
+        runs = [run for run in (run_ids or "").split(",") if run]
+        if self.only_run is not None:
+            return self.only_run in runs
+        return not any(run in self._live_runs for run in runs)
 
     def collect(self) -> Iterable[Metric]:
         started = time.perf_counter()
@@ -214,20 +233,28 @@ class ArmatureCollector(Collector):
             self._ledger = None
 
     def _collect_ledger(self, out: _Families, ledger: Ledger) -> None:
-        counts = {state: 0 for state in RUN_STATES}
-        for row in ledger.query("SELECT state, count(*) AS n FROM runs GROUP BY state"):
-            counts[row["state"]] = row["n"]
-        for state, n in counts.items():
-            out.add("armature_runs", n, state=state)
+        if self.skip_live_runs:
+            self._live_runs = {run["run_id"] for run in ledger.query("SELECT * FROM runs WHERE state = 'running'")
+                               if orchestrator_alive(run)}
+        if self.only_run is None:       # ledger-wide: served once, by the exporter that is not a study's
+            counts = {state: 0 for state in RUN_STATES}
+            for row in ledger.query("SELECT state, count(*) AS n FROM runs GROUP BY state"):
+                counts[row["state"]] = row["n"]
+            for state, n in counts.items():
+                out.add("armature_runs", n, state=state)
         for row in ledger.query("SELECT run_id, kind, count(*) AS n FROM events WHERE kind LIKE 'watchdog.%'"
                                 " GROUP BY run_id, kind"):
-            out.add("armature_watchdog_actions_total", row["n"], run=row["run_id"],
-                    action=row["kind"].removeprefix("watchdog."))
+            if self._serves(row["run_id"]):
+                out.add("armature_watchdog_actions_total", row["n"], run=row["run_id"],
+                        action=row["kind"].removeprefix("watchdog."))
 
-        runs = ledger.query(
-            "SELECT * FROM runs WHERE state = 'running'"
-            " OR run_id IN (SELECT run_id FROM runs ORDER BY created_at DESC LIMIT ?) ORDER BY created_at",
-            (self.recent_runs,))
+        if self.only_run is not None:
+            runs = ledger.query("SELECT * FROM runs WHERE run_id = ?", (self.only_run,))
+        else:
+            runs = [run for run in ledger.query(
+                "SELECT * FROM runs WHERE state = 'running'"
+                " OR run_id IN (SELECT run_id FROM runs ORDER BY created_at DESC LIMIT ?) ORDER BY created_at",
+                (self.recent_runs,)) if self._serves(run["run_id"])]
         if not runs:
             return
         self._collect_runs(out, ledger, runs)
@@ -305,6 +332,8 @@ class ArmatureCollector(Collector):
             " ORDER BY i.id", run_ids)
         now = time.time()
         for instance in instances:
+            if not self._serves(instance["run_id"]):
+                continue
             labels = {"run": instance["run_id"], "gpu_name": instance["gpu_name"],
                       "instance_id": instance["provider_instance_id"] or f"ledger-{instance['id']}"}
             alive = instance["destroyed_at"] is None and instance["state"] != "failed_create"
@@ -322,17 +351,21 @@ class ArmatureCollector(Collector):
             out.add("armature_nvml_unavailable_info", 1, reason=self.local_gpus.reason)
 
         local = self.local_gpus.read()
-        out.add("armature_gpu_up", 1 if local else 0, host=self.host)
         assignments = self._local_assignments(ledger) if local and ledger is not None else {}
-        for sample in local:
+        served = [(sample, *assignments.get(sample.gpu, ("", ""))) for sample in local]
+        served = [(sample, run, arm) for sample, run, arm in served if self._serves(run)]
+        if served or self.only_run is None:
+            out.add("armature_gpu_up", 1 if local else 0, host=self.host)
+        for sample, run, arm in served:
             sample.host = self.host
-            run, arm = assignments.get(sample.gpu, ("", ""))
             _add_gpu_sample(out, sample, run, arm)
 
         remote_hosts = set()
         for row in self._remote_health(ledger):
             if local and row["host"] == self.host:
                 continue    # NVML is fresher than whatever was recorded for this host
+            if not self._serves(row["run_id"]):
+                continue
             try:
                 sample = GpuSample.from_dict(json.loads(row["sample_json"]))
             except (ValueError, TypeError) as exc:
@@ -431,13 +464,15 @@ class Exporter:
 
     def __init__(self, ledger_path: str | os.PathLike, host: str | None = None, port: int = DEFAULT_PORT,
                  local_gpus: LocalGpus | None = None, *, addr: str = DEFAULT_ADDR,
-                 health_max_age_s: float = HEALTH_MAX_AGE_S, recent_runs: int = RECENT_RUNS):
+                 health_max_age_s: float = HEALTH_MAX_AGE_S, recent_runs: int = RECENT_RUNS,
+                 only_run: str | None = None, skip_live_runs: bool = False):
         self.host = host or socket.gethostname()
         self.port = port
         self.addr = addr
         self.local_gpus = local_gpus if local_gpus is not None else LocalGpus(host=self.host)
         self.collector = ArmatureCollector(ledger_path, self.host, self.local_gpus,
-                                           health_max_age_s=health_max_age_s, recent_runs=recent_runs)
+                                           health_max_age_s=health_max_age_s, recent_runs=recent_runs,
+                                           only_run=only_run, skip_live_runs=skip_live_runs)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self._server: Any = None
