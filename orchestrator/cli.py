@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -13,12 +17,20 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import paths
-from orchestrator.errors import UserError
-from orchestrator.ledger import (FINAL_STATES, RUN_FINAL_STATES, IllegalTransition, Ledger, RunClaimed,
-                                 orchestrator_alive)
+from orchestrator.errors import UserError, ledger_access_problem, ledger_error_message, os_error_message
+from orchestrator.ledger import (ACTIVE_STATES, FINAL_STATES, RUN_FINAL_STATES, IllegalTransition, Ledger,
+                                 RunClaimed, orchestrator_alive)
 
 DEFAULT_EXPORTER_PORT = 9108
 DEFAULT_ABLATION_METRICS_PORT = 9109
+# A study's exporter takes the first free port of these (infra/prometheus/prometheus.yml scrapes them all),
+# so up to four studies at once show in Prometheus without a --metrics-port each.
+STUDY_METRICS_PORTS = range(DEFAULT_ABLATION_METRICS_PORT, DEFAULT_ABLATION_METRICS_PORT + 4)
+EXIT_BROKEN_PIPE = 141          # what a shell reports for a command ended by SIGPIPE (128 + 13)
+# Columns of text written to a file or a pipe: wide enough that no table column is cut or wrapped (a
+# terminal keeps its own width; COLUMNS, when set, wins).
+FILE_OUTPUT_WIDTH = 10_000
+STDOUT_NAME = "standard output"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="accept a large grid")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_ABLATION_METRICS_PORT,
-                   help="Prometheus exporter port while the run lasts (0: pick a free one; -1: none)")
+                   help="Prometheus exporter of this run while it lasts (default: the first free of "
+                        "9109-9112, which infra/prometheus/prometheus.yml scrapes; 0: any free port; -1: none)")
     p.add_argument("--allow-dirty", action="store_true", help="vast: ship uncommitted changes as a patch")
     p.set_defaults(func=cmd_ablation)
 
@@ -47,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="arms and their states; all runs when no id")
     p.add_argument("run_id", nargs="?")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="csv and json: one record per run (per arm run with a run id), unrounded")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("resume", help="continue what is unfinished, from the last checkpoints")
@@ -94,12 +109,81 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Mistakes and an unusable environment (a read-only or full ARMATURE_HOME, a missing
+    file) print one line and exit 2; a reader that closed the pipe (`| head`) ends the command quietly."""
     args = build_parser().parse_args(argv)
+    stdout, sys.stdout = sys.stdout, _StdoutNamedInErrors(sys.stdout)
     try:
-        return args.func(args) or 0
+        return _run_command(args)
+    finally:
+        sys.stdout = stdout
+
+
+def _run_command(args) -> int:
+    try:
+        code = args.func(args) or 0
+        sys.stdout.flush()              # a full disk or a closed pipe under stdout shows here, not at interpreter exit
+        return code
     except UserError as exc:
-        print(f"armature: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+    except sqlite3.OperationalError as exc:
+        if not ledger_access_problem(exc):
+            raise
+        return _fail(ledger_error_message(exc, paths.ledger_path(), paths.home()))
+    except OSError as exc:
+        if exc.filename == STDOUT_NAME:
+            _discard_stdout()
+        return _fail(os_error_message(exc))
+
+
+def _fail(message: str) -> int:
+    print(f"armature: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _output_width() -> int | None:
+    """The width to lay output out for: None (the terminal's) on a TTY or with COLUMNS set, else wide."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return None
+    return FILE_OUTPUT_WIDTH
+
+
+def _console() -> Console:
+    return Console(width=_output_width())
+
+
+class _StdoutNamedInErrors:
+    """sys.stdout, whose write errors (a full disk under a redirect) name it: the OS names no file there."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            exc.filename = exc.filename or STDOUT_NAME
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            exc.filename = exc.filename or STDOUT_NAME
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null so that Python's own flush at exit does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 # ---- ablation and resume ------------------------------------------------------------
@@ -110,7 +194,7 @@ def cmd_validate(args) -> int:
     from orchestrator.spec import load_plan
 
     plan = load_plan(args.arms, args.set, args.yes)
-    print_plan(plan, Console())
+    print_plan(plan, _console())
     return 0
 
 
@@ -123,7 +207,7 @@ def cmd_ablation(args) -> int:
     sets = args.set + ([f"backend={args.backend}"] if args.backend else [])
     plan = load_plan(args.arms, sets, args.yes)
     backend_name = plan.study.backend
-    console = Console()
+    console = _console()
     print_plan(plan, console)
     if args.dry_run:
         return 0
@@ -168,7 +252,7 @@ def cmd_resume(args) -> int:
         raise
     if code_event:
         ledger.event(args.run_id, "run.code_change", **code_event)
-    console = Console()
+    console = _console()
     try:
         state = _execute(ledger, args.run_id, study, backend, run_dir, args, console, adopt=adopt)
     finally:
@@ -225,16 +309,16 @@ def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, c
     from orchestrator.scheduler import Scheduler
     from orchestrator.telemetry.gpu import local_gpus
 
-    progress = Progress(study.metric.name, console)
+    progress = Progress(study.metric.name, console, run_id=run_id)
     for arm_run in ledger.arm_runs(run_id):
         progress.add(arm_run["id"], arm_run["arm"], arm_run["seed"], arm_run["total_steps"], arm_run["state"],
-                     arm_run["last_step"])
+                     arm_run["last_step"], metrics=json.loads(arm_run["last_metrics_json"] or "{}"))
     gpus = max((r["gpus"] for r in ledger.arm_runs(run_id)), default=0)
     gpu_reader = local_gpus()
     scheduler = Scheduler(ledger, run_id, study, backend, run_dir, progress=progress, local_gpus=gpu_reader,
                           max_concurrent=backend.max_concurrent(study.resources.cpus, gpus))
     scheduler.adopt = adopt or {}
-    exporter = _start_exporter(args.metrics_port, console, gpu_reader)
+    exporter = _start_exporter(args.metrics_port, run_id, console, gpu_reader)
 
     def on_sigint(signum, frame):
         if scheduler.interrupted:
@@ -267,6 +351,10 @@ def _conclude(ledger: Ledger, run_id: str, run_dir: Path, state: str, backend, c
         except requests.RequestException as exc:
             console.print(f"[yellow]could not fetch billed charges ({exc}); `armature cost` shows estimates[/yellow]")
     write_report(ledger, run_id, run_dir, console=console)
+    if ledger.get_run(run_id)["state"] == "stopping":       # a destroy not confirmed: the instance may bill
+        console.print(f"[red]run {run_id}: stopping: its instances are not confirmed destroyed; "
+                      f"`armature resume {run_id}` finishes the teardown[/red]; results in {run_dir / 'results.md'}")
+        return 1
     console.print(f"run {run_id}: {state}; results in {run_dir / 'results.md'}")
     if state == "interrupted":
         console.print(f"continue with: armature resume {run_id}")
@@ -275,20 +363,27 @@ def _conclude(ledger: Ledger, run_id: str, run_dir: Path, state: str, backend, c
     return 1 if unfinished and state == "finished" else 0
 
 
-def _start_exporter(port: int, console: Console, gpu_reader):
+def _start_exporter(port: int, run_id: str, console: Console, gpu_reader):
+    """This run's exporter (its series only; `armature exporter` serves the other runs) on `port`, or on the
+    first free port of STUDY_METRICS_PORTS for the default one. None when -1 or when no port is free."""
     if port < 0:
         return None
     from orchestrator.telemetry.exporter import Exporter
 
-    exporter = Exporter(paths.ledger_path(), port=port, local_gpus=gpu_reader)
-    try:
-        exporter.start()
-    except OSError as exc:
-        console.print(f"[yellow]metrics exporter not started on port {port}: {exc.strerror}; "
-                      f"use --metrics-port[/yellow]")
-        return None
-    console.print(f"metrics for Prometheus on http://127.0.0.1:{exporter.port}/metrics")
-    return exporter
+    ports = STUDY_METRICS_PORTS if port == DEFAULT_ABLATION_METRICS_PORT else [port]
+    for candidate in ports:
+        exporter = Exporter(paths.ledger_path(), port=candidate, local_gpus=gpu_reader, only_run=run_id)
+        try:
+            exporter.start()
+        except OSError as exc:
+            error = exc
+            continue
+        console.print(f"metrics for Prometheus on http://127.0.0.1:{exporter.port}/metrics")
+        return exporter
+    where = f"ports {ports[0]}-{ports[-1]}" if len(ports) > 1 else f"port {port}"
+    console.print(f"[yellow]metrics exporter not started on {where}: {error.strerror}; "
+                  f"use --metrics-port[/yellow]")
+    return None
 
 
 # ---- reading the ledger -----------------------------------------------------------
@@ -296,31 +391,79 @@ def _start_exporter(port: int, console: Console, gpu_reader):
 
 def cmd_status(args) -> int:
     ledger = Ledger(paths.ledger_path(), create=False)
-    console = Console()
     if args.run_id is None:
-        table = Table(title="runs")
-        for column in ("run", "trainer", "backend", "state", "arm runs", "created"):
-            table.add_column(column)
-        for run in ledger.list_runs():
-            states = [r["state"] for r in ledger.arm_runs(run["run_id"], kind="arm")]
-            counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
-            table.add_row(run["run_id"], run["trainer"], run["backend"], run["state"], counts,
-                          time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"])))
-        console.print(table)
-        return 0
-    run = ledger.get_run(args.run_id)
-    table = Table(title=f"{args.run_id} ({run['state']})")
-    for column in ("arm", "seed", "state", "step", run["metric"] or "metric", "attempts", "restarts", "reason"):
-        table.add_column(column)
-    for arm_run in ledger.arm_runs(args.run_id):
-        metrics = json.loads(arm_run["last_metrics_json"] or "{}")
-        value = metrics.get(run["metric"])
-        table.add_row(arm_run["arm"], str(arm_run["seed"]), arm_run["state"],
-                      f"{arm_run['last_step'] or 0}/{arm_run['total_steps'] or '?'}",
-                      f"{value:.4g}" if isinstance(value, (int, float)) else "",
-                      str(len(ledger.attempts(arm_run["id"]))), str(arm_run["restarts"]), arm_run["reason"] or "")
-    console.print(table)
+        heading, records = "runs", [_run_record(ledger, run) for run in ledger.list_runs()]
+    else:
+        run = ledger.get_run(args.run_id)
+        heading = f"{args.run_id}: {_run_state(run)}"
+        records = [_arm_run_record(ledger, run, arm_run) for arm_run in ledger.arm_runs(args.run_id)]
+    if args.format == "json":
+        print(json.dumps(records if args.run_id is None else
+                         {"run": args.run_id, "state": _run_state(run), "arm_runs": records}, indent=2))
+    elif args.format == "csv":
+        if records:
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+    else:
+        _print_status_table(heading, records, _console())
     return 0
+
+
+def _run_record(ledger: Ledger, run: dict) -> dict:
+    orchestrator_gone = _orchestrator_gone(run)
+    states = [_arm_state(r["state"], orchestrator_gone) for r in ledger.arm_runs(run["run_id"], kind="arm")]
+    return {"run": run["run_id"], "trainer": run["trainer"], "backend": run["backend"], "state": _run_state(run),
+            "arm_runs": ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))),
+            "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"]))}
+
+
+def _arm_run_record(ledger: Ledger, run: dict, arm_run: dict) -> dict:
+    value = json.loads(arm_run["last_metrics_json"] or "{}").get(run["metric"])
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        value = None                    # a diverged arm's NaN: not a number JSON can carry
+    return {"run": run["run_id"], "arm": arm_run["arm"], "seed": arm_run["seed"],
+            "state": _arm_state(arm_run["state"], _orchestrator_gone(run)), "step": arm_run["last_step"],
+            "total_steps": arm_run["total_steps"], run["metric"] or "metric": value,
+            "attempts": len(ledger.attempts(arm_run["id"])), "restarts": arm_run["restarts"],
+            "reason": arm_run["reason"] or ""}
+
+
+def _print_status_table(heading: str, records: list[dict], console: Console) -> None:
+    """Runs (heading "runs") or one run's arm runs: the run id never cut, step as step/total, metrics to 4 digits."""
+    if heading != "runs":
+        console.print(heading, soft_wrap=True, markup=False, highlight=False)
+        records = [{key: value for key, value in record.items() if key not in ("run", "total_steps")}
+                   | {"step": f"{record['step'] or 0}/{record['total_steps'] or '?'}"} for record in records]
+    table = Table(title="runs" if heading == "runs" else None)
+    for key in (records[0] if records else {}):
+        if key == "run":    # what every other command needs: never cut, even on a narrow terminal
+            table.add_column(key, no_wrap=True, min_width=max(len(r["run"]) for r in records))
+        else:
+            table.add_column("arm runs" if key == "arm_runs" else key)
+    for record in records:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v) for v in record.values()))
+    console.print(table)
+
+
+def _orchestrator_gone(run: dict) -> bool:
+    """Is the run recorded as `running` on this host while the orchestrator recorded for it is dead?
+    (An orchestrator on another host cannot be checked from here: its run stays `running`.)"""
+    return (run["state"] == "running" and run["orchestrator_host"] == os.uname().nodename
+            and not orchestrator_alive(run))
+
+
+def _run_state(run: dict) -> str:
+    if _orchestrator_gone(run):
+        return f"interrupted (orchestrator not running; armature resume {run['run_id']})"
+    if run["state"] == "running" and run["orchestrator_host"] != os.uname().nodename:
+        return f"running (orchestrator pid {run['orchestrator_pid']} on {run['orchestrator_host']})"
+    return run["state"]
+
+
+def _arm_state(state: str, orchestrator_gone: bool) -> str:
+    """An arm run left in an active state by a dead orchestrator is interrupted: `resume` continues it."""
+    return "interrupted" if orchestrator_gone and state in ACTIVE_STATES else state
 
 
 def cmd_cancel(args) -> int:
@@ -385,7 +528,7 @@ def cmd_report(args) -> int:
 
     ledger = Ledger(paths.ledger_path(), create=False)
     ledger.get_run(args.run_id)
-    written = write_report(ledger, args.run_id, paths.run_dir(args.run_id), console=Console())
+    written = write_report(ledger, args.run_id, paths.run_dir(args.run_id), console=_console())
     print(f"wrote {written}")
     return 0
 
@@ -397,7 +540,7 @@ def cmd_cost(args) -> int:
         raise UserError(f"{paths.ledger_path()}: no ledger yet; nothing has run with ARMATURE_HOME={paths.home()}")
     ledger = Ledger(paths.ledger_path(), create=False)
     print(cost_command(ledger, run=args.run, since=args.since, until=args.until, backend=args.backend,
-                       fmt=args.format, detail=args.detail), end="")
+                       fmt=args.format, detail=args.detail, console_width=_output_width()), end="")
     return 0
 
 
@@ -429,8 +572,13 @@ def cmd_exporter(args) -> int:
     from orchestrator.telemetry.exporter import Exporter
     from orchestrator.telemetry.gpu import local_gpus
 
-    exporter = Exporter(paths.ledger_path(), addr=args.host, port=args.port, local_gpus=local_gpus())
-    exporter.start()
+    exporter = Exporter(paths.ledger_path(), addr=args.host, port=args.port, local_gpus=local_gpus(),
+                        skip_live_runs=True)       # a live study's run is served by that study's exporter
+    try:
+        exporter.start()
+    except OSError as exc:
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {exc.strerror}; another exporter may be "
+                        f"running there already, or pick another port with --port") from None
     print(f"serving http://{args.host}:{exporter.port}/metrics (Ctrl-C stops)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

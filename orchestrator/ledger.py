@@ -49,15 +49,20 @@ def _arm_moves(state: str) -> tuple[str, ...]:
 ARM_MOVES = {state: _arm_moves(state) for state in ARM_STATES}
 
 # Run states. `running` -> `running` is a driver claiming the run again (resume, or the scheduler after the CLI).
-RUN_STATES = ("running", "interrupted", "finished", "failed", "cancelled")
+# `stopping`: the run has ended (finished or cancelled, kept in runs.final_state) but instances it rented are
+# not confirmed destroyed yet; the last confirmed destroy moves it to its final state (update_instance), and
+# `resume` claims it again to finish the teardown.
+RUN_STATES = ("running", "stopping", "interrupted", "finished", "failed", "cancelled")
 RUN_FINAL_STATES = ("finished", "cancelled")
 RUN_MOVES = {
-    "running": ("running", "interrupted", "finished", "failed", "cancelled"),
+    "running": ("running", "stopping", "interrupted", "finished", "failed", "cancelled"),
+    "stopping": ("running", "stopping", "finished", "cancelled"),
     "interrupted": ("running", "cancelled"),
     "failed": ("running", "cancelled"),
     "finished": (),
     "cancelled": (),
 }
+LIVE_INSTANCE_SQL = "destroyed_at IS NULL AND state != 'failed_create'"
 
 
 class LedgerError(UserError):
@@ -84,7 +89,7 @@ def _check_move(what: str, moves: dict, from_state: str, to_state: str) -> None:
 def orchestrator_alive(run: dict) -> bool:
     """Is the process recorded as driving this run still alive (on this host)?"""
     pid = run["orchestrator_pid"]
-    if run["state"] != "running" or not pid or run["orchestrator_host"] != os.uname().nodename:
+    if run["state"] not in ("running", "stopping") or not pid or run["orchestrator_host"] != os.uname().nodename:
         return False
     if pid == os.getpid():
         return True
@@ -243,7 +248,7 @@ CREATE INDEX IF NOT EXISTS instances_by_run ON instances(run_id);
 
 # Columns added to a schema version after ledgers of that version existed; added in place (older armatures
 # name their columns, so they keep working on the upgraded file).
-ADDED_COLUMNS = (("runs", "orchestrator_start_time", "TEXT"),)
+ADDED_COLUMNS = (("runs", "orchestrator_start_time", "TEXT"), ("runs", "final_state", "TEXT"))
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict:
@@ -374,19 +379,39 @@ class Ledger:
 
         A run that stops without ending (interrupted, failed) drops a pending cancel request: it was
         meant for that drive, and `armature cancel` finishes the job itself once the driver is gone.
+        A run that ends (finished, cancelled) while instances it rented are not confirmed destroyed is
+        `stopping` until they are (`armature status` never says finished while one may bill).
         """
         if claim:
             assert state == "running", state
             self.claim_run(run_id)
             return
         now = time.time()
-        ended = now if state in ("finished", "failed", "cancelled") else None
         with self.write() as db:
             row = self._run_row(db, run_id)
             _check_move(f"run {run_id}", RUN_MOVES, row["state"], state)
+            final_state = None
+            if state in RUN_FINAL_STATES and db.execute(
+                    f"SELECT 1 FROM instances WHERE run_id=? AND {LIVE_INSTANCE_SQL} LIMIT 1", (run_id,)).fetchone():
+                state, final_state = "stopping", state
+            ended = now if state in ("finished", "failed", "cancelled") else None
             cancel = 0 if state in ("interrupted", "failed") else row["cancel_requested"]
-            db.execute("UPDATE runs SET state=?, updated_at=?, ended_at=?, cancel_requested=? WHERE run_id=?",
-                       (state, now, ended, cancel, run_id))
+            db.execute("UPDATE runs SET state=?, final_state=?, updated_at=?, ended_at=?, cancel_requested=?"
+                       " WHERE run_id=?", (state, final_state, now, ended, cancel, run_id))
+
+    def _end_stopped_run(self, db: sqlite3.Connection, instance_id: int) -> None:
+        """A `stopping` run whose last live instance this was moves to its final state."""
+        owner = db.execute("SELECT run_id FROM instances WHERE id=?", (instance_id,)).fetchone()
+        if owner is None or owner["run_id"] is None:
+            return
+        run = db.execute("SELECT state, final_state FROM runs WHERE run_id=?", (owner["run_id"],)).fetchone()
+        if run is None or run["state"] != "stopping" or db.execute(
+                f"SELECT 1 FROM instances WHERE run_id=? AND {LIVE_INSTANCE_SQL} LIMIT 1",
+                (owner["run_id"],)).fetchone():
+            return
+        now = time.time()
+        db.execute("UPDATE runs SET state=?, final_state=NULL, updated_at=?, ended_at=? WHERE run_id=?",
+                   (run["final_state"] or "finished", now, now, owner["run_id"]))
 
     def claim_run(self, run_id: str) -> None:
         """Record this process as the one driving the run (state running), in one write transaction.
@@ -402,7 +427,8 @@ class Ledger:
                 raise RunClaimed(f"run {run_id} is being driven by pid {row['orchestrator_pid']} on "
                                  f"{row['orchestrator_host']}; `armature cancel {run_id}` stops it")
             _check_move(f"run {run_id}", RUN_MOVES, row["state"], "running")
-            db.execute("UPDATE runs SET state='running', updated_at=?, ended_at=NULL, orchestrator_host=?,"
+            db.execute("UPDATE runs SET state='running', final_state=NULL, updated_at=?, ended_at=NULL,"
+                       " orchestrator_host=?,"
                        " orchestrator_pid=?, orchestrator_start_time=? WHERE run_id=?",
                        (time.time(), os.uname().nodename, me, process_start_time(me), run_id))
 
@@ -578,13 +604,15 @@ class Ledger:
         cols = ", ".join(f"{k}=?" for k in fields)
         with self.write() as db:
             db.execute(f"UPDATE instances SET {cols} WHERE id=?", (*fields.values(), instance_id))
+            if "destroyed_at" in fields or "state" in fields:
+                self._end_stopped_run(db, instance_id)
 
     def instance(self, instance_id: int) -> dict | None:
         return self.query_one("SELECT * FROM instances WHERE id=?", (instance_id,))
 
     def live_instances(self, run_id: str | None = None) -> list[dict]:
         """Instances not confirmed destroyed (including ones whose create may have happened)."""
-        sql = "SELECT * FROM instances WHERE destroyed_at IS NULL AND state != 'failed_create'"
+        sql = f"SELECT * FROM instances WHERE {LIVE_INSTANCE_SQL}"
         if run_id is None:
             return self.query(sql + " ORDER BY id")
         return self.query(sql + " AND run_id=? ORDER BY id", (run_id,))

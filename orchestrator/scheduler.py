@@ -175,7 +175,8 @@ class Scheduler:
             upstream_ids = json.loads(arm_run["upstream_ids"]).values()
             if all(by_id[u]["state"] == "succeeded" for u in upstream_ids):
                 ready.append(arm_run)
-        ready.sort(key=lambda r: (r["kind"] != "upstream", r["id"]))
+        # Adopted attempts first: their trainers run already, unwatched until launched (the dead-man switch).
+        ready.sort(key=lambda r: (r["id"] not in self.adopt, r["kind"] != "upstream", r["id"]))
         return ready
 
     def _launch_ready(self, arm_runs: list[dict]) -> None:
@@ -309,7 +310,8 @@ class Scheduler:
         if stop == "early_stop":
             return "cancelled", running.stop_detail
         if stop == "interrupt":
-            return "pending", f"interrupted at step {result.end_step}; `armature resume {self.run_id}` continues"
+            where = "before its first step" if result.end_step is None else f"at step {result.end_step}"
+            return "pending", f"interrupted {where}; `armature resume {self.run_id}` continues"
         if stop == "pause":
             return "pending", "paused (PAUSE file)"
         if stop == "watchdog":

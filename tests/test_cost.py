@@ -136,6 +136,20 @@ def test_half_used_instance_and_deploy_time(ledger):
     assert one(lines, kind="idle").dollars == pytest.approx(2.0)      # the second GPU, unused for 2 h
 
 
+def test_a_fractional_gpu_on_a_rented_instance_is_costed_as_the_whole_gpu_it_holds(ledger):
+    """Vast rents whole GPUs: an arm asking for 0.25 holds GPU 0 of its instance alone and pays all of it
+    (it used to be charged a quarter, with three quarters reported idle)."""
+    add_run(ledger, "r1")
+    instance = add_instance(ledger, "r1", num_gpus=2, dph=2.0, created=T, destroyed=T + H)
+    on_gpu0 = add_attempt(ledger, add_arm(ledger, "r1", "a", gpus=0.25), start=T, end=T + H, instance_id=instance)
+    ledger.update_attempt(on_gpu0, gpu_index="0")
+    add_attempt(ledger, add_arm(ledger, "r1", "b", gpus=0.5), start=T, end=T + H, instance_id=instance)
+    lines = lines_by(ledger)
+    assert one(lines, arm="a").dollars == pytest.approx(1.0) and one(lines, arm="a").gpu_hours == pytest.approx(1.0)
+    assert one(lines, arm="b").dollars == pytest.approx(1.0) and one(lines, arm="b").gpu_hours == pytest.approx(1.0)
+    assert not [line for line in lines if line.kind == "idle"]
+
+
 def test_oversubscribed_instance_splits_its_price(ledger):
     add_run(ledger, "r1")
     instance = add_instance(ledger, "r1", num_gpus=1, dph=3.0, created=T, destroyed=T + H)

@@ -23,10 +23,11 @@ import pytest
 
 from infra.vastsim import Simulator
 from infra.vastsim.instances import find_sshd
-from orchestrator.backends.base import AttemptSpec
+from orchestrator.backends.base import AttemptResult, AttemptSpec
 from orchestrator.backends.vast import VastBackend, VastConfig, make_client, provider
 from orchestrator.backends.vast.attempt import NUMPY_RNG_STATE, weights_only_refusal
 from orchestrator.backends.vast.ssh import load_or_create_keypair
+from orchestrator.cost.reconcile import _charge_lines, provider_instance_id
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
 
@@ -287,7 +288,7 @@ def test_launch_faults_are_survived(harness, sim):
     (deadline -> next offer), SSH refused a while, destroy failing."""
     sim.set_faults(offer_id=3001, stuck_loading=True)
     sim.set_faults(offer_id=3002, ssh_refused_s=2.5)
-    sim.set_faults(rate_limit=4, create_no_such_ask=1, create_then_502=1, list_lag_s=0.5, destroy_fail=8)
+    sim.set_faults(rate_limit=4, create_no_such_ask=1, create_then_502=1, list_lag_s=0.5, destroy_fail=3)
     backend = harness.backend(ready_deadline_seconds=6)
     spec = harness.spec(harness.arm("faults"))
     result, events = harness.run(backend, spec)
@@ -445,7 +446,7 @@ def test_changed_host_key_is_refused(harness, sim):
 CHILD = r"""
 import json, sys, threading
 sys.path.insert(0, sys.argv[2])
-from orchestrator.backends.base import AttemptSpec
+from orchestrator.backends.base import AttemptResult, AttemptSpec
 from orchestrator.backends.vast import VastBackend, VastConfig, make_client, provider
 from orchestrator.backends.vast.ssh import load_or_create_keypair
 from orchestrator.ledger import Ledger
@@ -533,3 +534,176 @@ def test_adopt_of_a_vanished_instance_is_lost(harness, sim):
     harness.ledger.update_instance(instance_id, state="failed_create")
     result, _ = harness.run(backend, harness.spec(arm, adopt_attempt=attempt_id))
     assert result.outcome == "lost" and "gone" in result.reason
+
+
+# ---- the budget as a hard cap ---------------------------------------------------------------------------
+
+DOLLAR_OFFERS = [{"id": 3100 + n, "machine_id": 800 + n, "gpu_name": "A100 SXM4", "num_gpus": 1, "dph_total": 1.0,
+                  "reliability2": 0.99, "boot_delay_s": 0.4} for n in range(4)]
+
+
+def test_budget_counts_what_running_instances_will_cost_before_each_launch(harness, sim):
+    """$5, four $1/h offers, 2 h expected per instance: each launch commits $2 + boot and teardown, so two fit
+    and the other two arms are refused before renting anything (all four used to launch)."""
+    for offer in DOLLAR_OFFERS:
+        sim.add_offer(offer)
+    try:
+        backend = harness.backend(budget=5.0, gpu_name="A100 SXM4", expected_hours_per_instance=2.0)
+        specs = [harness.spec(harness.arm(f"four-{n}")) for n in range(4)]
+        results: dict = {}
+
+        def stop_once_running(event, stop):
+            if event["kind"] == "attempt":
+                stop.set()
+
+        threads = [threading.Thread(target=lambda s=s: results.__setitem__(s.arm, harness.run(
+            backend, s, stop_once_running)[0])) for s in specs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        for offer in DOLLAR_OFFERS:
+            sim.remove_offer(offer["id"])
+    refused = [r for r in results.values() if r.outcome == "cancelled"]
+    assert len(results) == 4 and len(refused) == 2, {a: (r.outcome, r.reason) for a, r in results.items()}
+    assert all(r.reason.startswith("budget:") and "committed to running instances" in r.reason for r in refused)
+    rented = harness.ledger.query("SELECT * FROM instances WHERE run_id=?", (harness.run_id,))
+    assert len(rented) == 2
+    reserve = backend.budget.new_instance_seconds / 3600          # one instance, boot to destroyed, at $1/h
+    assert 2 < reserve < 2.5 and 2 * reserve <= 5.0 < 3 * reserve
+
+
+def test_a_small_budget_stops_in_time_for_the_teardown_to_finish_under_it(harness, sim):
+    """A budget that pays for ~20 s of one instance: the arm is stopped early enough that the provider's bill,
+    destroy included, stays under the cap; the dead-man switch is armed with a silence the budget pays for."""
+    cfg = dict(ready_deadline_seconds=5, install_timeout_seconds=5, stop_grace_seconds=3, checkpoint_pull_seconds=1,
+               destroy_seconds=1, expected_hours_per_instance=2 / 3600, keep_instances=True)
+    dph = OFFERS[0]["dph_total"]
+    budget = dph * (10 + 2 + 4 * 0.4 + 3 + 1 + 1) / 3600
+    started = time.time()
+    backend = harness.backend(budget=budget, **cfg)
+    spec = harness.spec(harness.arm("capped", longer(100000)))
+    result, _ = harness.run(backend, spec)
+    assert result.outcome == "cancelled" and result.reason.startswith("budget:"), result
+    (row,) = harness.ledger.query("SELECT * FROM instances WHERE run_id=?", (harness.run_id,))
+    assert row["destroyed_at"] is not None, "a budget stop destroys the instance at once (nothing may run on it)"
+    billed = [line for line in _charge_lines(backend.client, int(started) - 5, int(time.time()) + 5)
+              if provider_instance_id(line) == row["provider_instance_id"]]
+    assert len(billed) == 1 and billed[0]["end"] <= time.time()
+    assert billed[0]["amount"] <= budget, f"billed ${billed[0]['amount']:.6f}, budget ${budget:.6f}"
+    (armed,) = harness.ledger.events(harness.run_id, "instance.dead_man_switch")
+    silence = json.loads(armed["detail_json"])["silence_seconds"]
+    assert cfg["install_timeout_seconds"] < silence <= budget / dph * 3600 < 300     # 300: the configured silence
+
+
+def test_no_metrics_row_is_lost_when_a_pulled_checkpoint_is_ahead_of_the_rows_read(harness, sim, monkeypatch):
+    """A checkpoint pull that sees a newer last.pt than the metrics rows read so far (a slow poll), then the
+    instance's host key changes before the next poll (refused: nothing more is read from it): the rows up to the
+    checkpoint must have been read before it was accepted, or the attempt resumed from it on another instance
+    leaves a gap in the curve."""
+    from orchestrator.backends.vast.attempt import RemoteAttempt
+
+    backend = harness.backend(pull_checkpoints_every_minutes=0.005)
+    arm = harness.arm("gapless", longer(600))
+    first = harness.spec(arm)
+    checkpoint = Path(first.out_dir) / "checkpoints" / "last.pt"
+    seen: dict = {}
+    real_pull = RemoteAttempt.pull_checkpoint
+
+    def remote_steps(remote) -> list[int]:
+        path = Path(remote.work) / "out" / "metrics.jsonl"
+        return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+    def pull_while_the_trainer_runs_ahead(remote, *args, **kwargs):
+        if "cut_off" in seen or remote.last_step is None or remote.last_step < 40:
+            return real_pull(remote, *args, **kwargs)
+        deadline = time.monotonic() + 20                   # the trainer gets 30 steps ahead of the rows read
+        while max(remote_steps(remote), default=0) < remote.last_step + 30 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pulled = real_pull(remote, *args, **kwargs)
+        if pulled:                                         # the host's key changes: no poll gets through again
+            seen["cut_off"] = checkpoint_step(checkpoint)
+            sim.change_host_key(harness.provider_id(seen["instance"]))
+            backend.pool.find(seen["instance"]).conn.close()
+        return pulled
+
+    def note_instance(event, stop):
+        if event["kind"] == "attempt":
+            seen["instance"] = event["instance_id"]
+
+    monkeypatch.setattr(RemoteAttempt, "pull_checkpoint", pull_while_the_trainer_runs_ahead)
+    result, _ = harness.run(backend, first, note_instance)
+    assert result.outcome == "lost" and "host key" in result.reason, result
+    assert seen["cut_off"] >= 60
+
+    result, _ = harness.run(backend, harness.spec(arm))
+    assert result.outcome == "succeeded", result
+    steps = [json.loads(line)["step"] for line in (Path(first.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(10, 601, 10)), f"rows missing: {sorted(set(range(10, 601, 10)) - set(steps))}"
+    recorded = [r["step"] for r in harness.ledger.metric_rows(arm)]
+    assert sorted(set(recorded)) == list(range(10, 601, 10))
+
+
+def test_max_instances_counts_instances(harness, sim):
+    """max_instances: 1 with two arms at once (one GPU each, so one arm per instance): the second arm waits for
+    the first one's instance instead of renting a second (the pool used to count only arms)."""
+    backend = harness.backend(max_instances=1, arms_per_instance=2)
+    assert backend.max_concurrent(1, 1) == 1              # arms_per_instance is capped by the GPUs (1)
+    specs = [harness.spec(harness.arm(name)) for name in ("cap-a", "cap-b")]
+    results: dict = {}
+    threads = [threading.Thread(target=lambda s=s: results.__setitem__(s.arm, harness.run(backend, s)[0]))
+               for s in specs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert {arm: r.outcome for arm, r in results.items()} == {"cap-a": "succeeded", "cap-b": "succeeded"}
+    assert len(harness.ledger.query("SELECT id FROM instances WHERE run_id=?", (harness.run_id,))) == 1
+
+
+class RecordingBackend:
+    """A backend of this test's own: records which attempts it is asked to run, in order; each succeeds."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.order: list[tuple[str, bool]] = []
+
+    def run_attempt(self, spec, emit, stop):
+        self.order.append((spec.arm, spec.adopt))
+        emit({"kind": "state", "state": "running", "reason": None})
+        emit({"kind": "state", "state": "collecting", "reason": None})
+        return AttemptResult("succeeded", 0, None, None)
+
+
+def test_a_resumed_run_launches_its_adopted_attempts_first(tmp_path):
+    """After a resume the attempt still running on its instance is reattached before any pending arm takes the
+    only slot (max_instances: 1); else it went unpolled until the dead-man switch destroyed its instance."""
+    from orchestrator.runs import create_run
+    from orchestrator.scheduler import Scheduler
+    from orchestrator.spec import load_plan
+    from tests.armature_helpers import TINY_VQVAE_BASE, tiny_spec
+
+    plan = load_plan(tiny_spec(tmp_path, f"""name: adopt
+trainer: vqvae
+metric: {{name: recon_mse, mode: min}}
+base: {TINY_VQVAE_BASE}
+arms:
+  - name: first
+    set: {{batch_size: 8}}
+  - name: second
+    set: {{batch_size: 4}}
+seeds: 1
+"""))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    create_run(ledger, plan, "adopt", tmp_path / "adopt", "recording", {"commit": "x", "diff_hash": None}, gpus=1)
+    arm_runs = {r["arm"]: r for r in ledger.arm_runs("adopt") if r["kind"] == "arm"}
+    running = ledger.start_attempt(arm_runs["second"]["id"], backend="recording")
+    backend = RecordingBackend()
+    scheduler = Scheduler(ledger, "adopt", plan.study, backend, tmp_path / "adopt", local_gpus=None,
+                          max_concurrent=1)
+    scheduler.adopt = {arm_runs["second"]["id"]: ledger.query_one("SELECT * FROM attempts WHERE id=?", (running,))}
+    assert scheduler.run() == "finished"
+    assert [arm for arm, _ in backend.order if arm in ("first", "second")][:2] == ["second", "first"]
+    assert ("second", True) in backend.order

@@ -3,6 +3,7 @@ kill -9 of armature mid-run, `armature resume` adopting the live instance, and `
 `reap` in one ARMATURE_HOME leaving another's instances alone."""
 
 import secrets
+import time
 
 import pytest
 
@@ -19,11 +20,12 @@ API_KEY = "vk-" + secrets.token_hex(20)
 SECOND_KEY = "vk-" + secrets.token_hex(20)      # a teammate's key on the same account
 
 
-def spec(sim_url: str) -> str:
+def spec(sim_url: str, steps: int = 300, extra: str = "") -> str:
+    base = TINY_VQVAE_BASE.replace("steps: 20,", f"steps: {steps},").replace("eval_every: 10", "eval_every: 100")
     return f"""name: cloud
 trainer: vqvae
 metric: {{name: recon_mse, mode: min}}
-base: {TINY_VQVAE_BASE.replace("steps: 20,", "steps: 300,").replace("eval_every: 10", "eval_every: 100")}
+base: {base}
 resources: {{gpus: 1}}
 backend: vast
 vast:
@@ -42,7 +44,7 @@ vast:
   orchestrator_silence_seconds: 300
   install_timeout_seconds: 120
   destroy_deadline_seconds: 30
-"""
+""" + extra
 
 
 def test_kill_9_then_resume_adopts_the_instance_and_reap_finds_nothing(tmp_path):
@@ -103,3 +105,56 @@ def test_reap_in_one_home_never_destroys_another_homes_instance(tmp_path):
         assert named.returncode == 0, named.stdout + named.stderr
         assert f"destroyed (confirmed): instance {their_instance}" in named.stdout
         assert sim.show_instance(their_instance) is None
+
+
+def test_an_api_that_stops_answering_at_the_start_leaves_no_half_made_run(tmp_path):
+    """The API drops every connection for longer than the deadline (waiting out shorter outages and any number of
+    429s is test_vast_provider's): a clear error, no traceback, and no trace of the run id, so the same command
+    can simply run again (it used to say the run exists, while `resume` said it was unknown)."""
+    home = tmp_path / "home"
+    extra = ["--allow-dirty"] if ALLOW_DIRTY else []
+    with Simulator(tmp_path / "sim", api_key=API_KEY, offers=OFFERS).start() as sim:
+        path = tiny_spec(tmp_path, spec(sim.url, steps=20, extra="  api_deadline_seconds: 1\n"))
+        sim.set_faults(api_down_s=120)
+        failed = armature(home, "ablation", str(path), "--run-id", "hasty", "--metrics-port", "-1", *extra,
+                          VAST_API_KEY=API_KEY)
+        assert failed.returncode == 2, failed.stdout + failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert "armature: error: the Vast API did not answer while starting run hasty" in failed.stderr
+        assert "run the same command again" in failed.stderr
+        assert not (home / "hasty").exists()
+        assert not (home / "ledger.sqlite").exists() or not Ledger(home / "ledger.sqlite").list_runs()
+        assert sim.instances() == []
+
+
+def test_status_says_stopping_until_teardown_is_confirmed_and_resume_finishes_a_killed_teardown(tmp_path):
+    """Destroys fail: the arm is done but its instance lives, so the run is `stopping`, never `finished` (it used
+    to say finished while the instance billed). kill -9 then: `resume` finishes the teardown (it used to say
+    "nothing to resume")."""
+    home = tmp_path / "home"
+    extra = ["--allow-dirty"] if ALLOW_DIRTY else []
+    with Simulator(tmp_path / "sim", api_key=API_KEY, offers=OFFERS).start() as sim:
+        body = spec(sim.url, steps=20).replace("destroy_deadline_seconds: 30", "destroy_deadline_seconds: 600")
+        path = tiny_spec(tmp_path, body)
+        sim.set_faults(destroy_fail=1_000_000)
+        proc = start_armature(home, "ablation", str(path), "--run-id", "td", "--metrics-port", "-1", *extra,
+                              log=tmp_path / "log", VAST_API_KEY=API_KEY)
+        try:
+            wait_for(lambda: (home / "ledger.sqlite").exists() and ledger(home).query_one(
+                "SELECT 1 AS x FROM instances WHERE run_id='td' AND state='destroying'"), 240, "a destroy")
+            time.sleep(1)
+            run = ledger(home).get_run("td")
+            assert run["state"] == "stopping" and run["final_state"] == "finished"
+            status = armature(home, "status", VAST_API_KEY=API_KEY)
+            assert "stopping" in status.stdout and "finished" not in status.stdout, status.stdout
+        finally:
+            proc.kill()                                      # kill -9 during the teardown
+            proc.wait(30)
+        assert len(sim.instances()) == 1 and ledger(home).get_run("td")["state"] == "stopping"
+
+        sim.clear_faults()
+        changed = ["--allow-code-change"] if ALLOW_DIRTY else []
+        resumed = armature(home, "resume", "td", "--metrics-port", "-1", *extra, *changed, VAST_API_KEY=API_KEY)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert sim.instances() == []
+        assert ledger(home).get_run("td")["state"] == "finished" and ledger(home).live_instances("td") == []

@@ -206,7 +206,7 @@ def test_host_key_pinned_then_a_changed_key_is_refused(client, ledger, sim, tmp_
 
 
 def test_teardown_retries_until_the_destroy_is_confirmed(client, ledger, sim, tmp_path):
-    cfg = config(sim, api_retries=2)
+    cfg = config(sim, api_deadline_seconds=2)
     key = load_or_create_keypair(tmp_path / "id_ed25519", "test")
     offer = next(o for o in provider.search_offers(client, cfg) if o["id"] == 4002)
     instance_id = provider.launch(client, ledger, cfg, run_id="r", offer=offer, label="armature:r:2",
@@ -273,6 +273,34 @@ def test_dead_man_switch_destroys_a_silent_or_too_old_instance(client, ledger, s
     for instance_id in (silent_id, old_id):
         assert provider.terminate(client, ledger, silent_cfg, instance_id, reason="confirm")
         assert ledger.instance(instance_id)["destroyed_at"] is not None
+
+
+def test_each_contact_can_shorten_the_dead_man_silence(client, ledger, sim, tmp_path):
+    """Armed for 600 s, both switches (boot's and the supervisor's) obey the shorter silence the orchestrator's
+    last poll wrote (what the remaining budget pays for): an orphan then bills seconds, not ten minutes."""
+    cfg = config(sim, orchestrator_silence_seconds=600)
+    key = load_or_create_keypair(tmp_path / "id_ed25519", "test")
+    provider.register_ssh_key(client, cfg, key.public_line)
+    offer = next(o for o in provider.search_offers(client, cfg) if o["id"] == 4001)
+    for with_supervisor in (False, True):
+        instance_id = provider.launch(client, ledger, cfg, run_id="r", offer=offer,
+                                      label=f"armature:r:s{int(with_supervisor)}", public_key=key.public_line,
+                                      env={}, onstart=boot_watchdog_onstart(cfg))
+        host, port, host_key = provider.wait_ready(client, ledger, cfg, instance_id, key, threading.Event())
+        conn = Connection(host, port, key.private, host_key, timeout=10, retries=2)
+        paths = conn.call(lambda remote: resolve_paths(remote, cfg))
+        if with_supervisor:
+            install_helper_and_watchdog(conn, paths, cfg, REPO_ROOT)
+        else:                                          # only the boot switch watches: the helper alone
+            conn.run(["mkdir", "-p", f"{paths.base}/work"], check=True)
+            conn.call(lambda remote: remote.put_file(REPO_ROOT / "infra" / "remote" / "supervisor.py",
+                                                     paths.supervisor))
+        conn.run(["python3", paths.supervisor, "poll", "--workdir", f"{paths.base}/work", "--contact-file",
+                  paths.contact, "--silence-seconds", "2"], check=True)
+        conn.close()
+        provider_id = int(ledger.instance(instance_id)["provider_instance_id"])
+        wait_for(lambda: sim.show_instance(provider_id) is None, 20, "the switch to destroy the instance")
+        assert provider.terminate(client, ledger, cfg, instance_id, reason="confirm")
 
 
 def test_dead_man_switch_is_armed_at_boot_before_anyone_reaches_the_instance(client, ledger, sim, tmp_path):
@@ -424,3 +452,27 @@ def test_pull_back_takes_only_plain_regular_files_from_a_hostile_host(client, le
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert b"hostile host" not in path.read_bytes() and b"not yours" not in path.read_bytes(), path
+
+
+# ---- an API that rate limits or stops answering ------------------------------------------------------
+
+def test_rate_limits_and_outages_are_waited_out_until_the_deadline(client, ledger, sim, tmp_path):
+    """30 answers of 429 (more than the old fixed count of 18 requests) are waited out by one call, the create
+    included; an API that drops every connection for a while too. Only an outage past the deadline fails."""
+    cfg = config(sim)
+    sim.set_faults(rate_limit=30, rate_limit_retry_after=0.02)
+    assert provider.list_ssh_keys(client, cfg) is not None
+    assert sim.state()["faults"]["requests"]["rate_limit"] == 0
+    key = load_or_create_keypair(tmp_path / "id_ed25519", "test")
+    offer = next(o for o in provider.search_offers(client, cfg) if o["id"] == 4001)
+    sim.set_faults(rate_limit=30)                   # Retry-After as before: the create waits as long
+    instance_id = provider.launch(client, ledger, cfg, run_id="r", offer=offer, label="armature:r:limited",
+                                  public_key=key.public_line, env={})
+    assert ledger.instance(instance_id)["provider_instance_id"] is not None
+    sim.set_faults(api_down_s=1.0)
+    started = time.monotonic()
+    assert provider.terminate(client, ledger, cfg, instance_id, reason="test")
+    assert time.monotonic() - started >= 0.9
+    sim.set_faults(api_down_s=30)
+    with pytest.raises(provider.ProviderError, match=r"ConnectionError after \d+ tries in 0.5s"):
+        provider.list_ssh_keys(client, config(sim, api_deadline_seconds=0.5))

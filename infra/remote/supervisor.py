@@ -96,6 +96,17 @@ def touch(path):
     os.utime(path, None)
 
 
+def silence_limit(contact_file, configured):
+    """The dead-man silence in force: the configured one, or less when the orchestrator's last contact wrote a
+    shorter one into the contact file (what the run's remaining budget pays for)."""
+    try:
+        with open(contact_file) as handle:
+            written = float(handle.read(64).strip() or "inf")
+    except (OSError, ValueError):
+        return configured
+    return min(configured, written) if written > 0 else configured
+
+
 def die_with_parent():
     """In the trainer child: own process group, and SIGTERM when the supervisor dies."""
     os.setsid()
@@ -217,7 +228,9 @@ def read_from(path, offset, limit, whole_lines=True):
 
 def cmd_poll(args):
     workdir = os.path.abspath(args.workdir)
-    if args.contact_file:
+    if args.contact_file and args.silence_seconds:
+        write_atomic(args.contact_file, "%g\n" % args.silence_seconds)      # a fresh mtime too: the contact
+    elif args.contact_file:
         touch(args.contact_file)
     # Exit status first: when it is there, the trainer has ended, so the reads below see all it wrote.
     alive = supervisor_alive(workdir)
@@ -350,8 +363,9 @@ def cmd_watchdog(args):
             silence = now - os.path.getmtime(args.contact_file)
         except OSError:
             silence = now - started
-        if silence > args.silence_seconds:
-            reason = "no contact from the orchestrator for %.0fs" % silence
+        limit = silence_limit(args.contact_file, args.silence_seconds)
+        if silence > limit:
+            reason = "no contact from the orchestrator for %.0fs (limit %.0fs)" % (silence, limit)
         elif now - started > args.max_lifetime_seconds:
             reason = "maximum lifetime of %.0fs reached" % args.max_lifetime_seconds
         if reason:
@@ -407,6 +421,8 @@ def main(argv=None):
     poll.add_argument("--health-offset", type=int, default=0)
     poll.add_argument("--log-offset", type=int, default=0)
     poll.add_argument("--contact-file", default="")
+    poll.add_argument("--silence-seconds", type=float, default=0.0,
+                      help="the dead-man silence from now on (written into the contact file; 0 = unchanged)")
 
     stop = sub.add_parser("stop")
     stop.add_argument("--workdir", required=True)

@@ -41,6 +41,7 @@ class RequestFaults:
     destroy_fail: int = 0                  # the next N destroys answer 500
     destroy_fail_for_s: float = 0.0        # destroys answer 500 for N s from when this is set
     bad_key_status: int = 401              # status for an unknown API key (Vast sometimes uses 404)
+    api_down_s: float = 0.0                # the API closes every connection unanswered for N s from when this is set
 
 
 INSTANCE_FAULT_NAMES = [f.name for f in fields(InstanceFaults)]
@@ -72,6 +73,7 @@ class Faults:
     per_offer: dict[int, dict] = field(default_factory=dict)
     requests: RequestFaults = field(default_factory=RequestFaults)
     destroy_fail_until: float = 0.0
+    api_down_until: float = 0.0
 
     def set(self, offer_id: int | None = None, **changes) -> None:
         """Set faults by name; with ``offer_id`` only instance faults, for that offer."""
@@ -90,12 +92,19 @@ class Faults:
             setattr(target, name, value)
         if "destroy_fail_for_s" in converted:
             self.destroy_fail_until = time.time() + converted["destroy_fail_for_s"]
+        if "api_down_s" in converted:
+            self.api_down_until = time.time() + converted["api_down_s"]
 
     def clear(self) -> None:
         self.instance = InstanceFaults()
         self.per_offer = {}
         self.requests = RequestFaults()
         self.destroy_fail_until = 0.0
+        self.api_down_until = 0.0
+
+    def api_down(self) -> bool:
+        """Whether the API is down (answers nothing) right now."""
+        return time.time() < self.api_down_until
 
     def for_offer(self, offer_id: int) -> InstanceFaults:
         """The instance faults that apply to instances of ``offer_id`` right now."""
@@ -142,4 +151,5 @@ class Faults:
             "per_offer": {str(k): dict(v) for k, v in self.per_offer.items()},
             "requests": dataclasses.asdict(self.requests),
             "destroy_fail_until": self.destroy_fail_until,
+            "api_down_until": self.api_down_until,
         }

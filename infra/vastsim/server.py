@@ -267,6 +267,10 @@ class SimHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         sim: Simulator = self.server.sim
         parts = urlsplit(self.path)
+        if parts.path.startswith("/api/") and sim.api_down():
+            self.close_connection = True          # no answer at all: the client sees the connection dropped
+            sim.log.info("%s %s -> dropped (api_down_s)", method, parts.path)
+            return
         try:
             body = self._read_body()
             handler, args, scoped, needs_auth = self._find_route(method, parts.path)

@@ -203,6 +203,11 @@ class Simulator:
         with self._lock:
             return self.faults.take_rate_limit(), self.faults.requests.rate_limit_retry_after
 
+    def api_down(self) -> bool:
+        """Whether the API answers nothing right now (fault api_down_s)."""
+        with self._lock:
+            return self.faults.api_down()
+
     def search_offers(self, query: dict) -> list[dict]:
         with self._lock:
             try:

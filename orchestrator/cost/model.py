@@ -11,8 +11,9 @@ now while it is not confirmed gone ("still running"). That lifetime is cut into 
            the last attempt ended and before the destroy was confirmed)
 
 At every moment the instance's $/h is split among the attempts on it by GPU share
-(`arm_runs.gpus / instances.num_gpus`; an arm asking for no GPU takes the whole
-box); the share nobody holds is idle. The lines of one instance add up to its
+(the whole GPUs an attempt holds / instances.num_gpus: a fractional request is rented,
+costed and reported as whole GPUs, see gpus_held; an arm asking for no GPU takes the
+whole box); the share nobody holds is idle. The lines of one instance add up to its
 whole cost exactly. An attempt that ended failed, preempted, lost, interrupted or
 cancelled is waste as a whole (one line named after its end state); so are boot,
 deploy and idle.
@@ -24,6 +25,7 @@ per GPU-hour. Without an energy reading its cost is unknown (None), never zero.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -155,6 +157,17 @@ def instance_cost(instance: dict, now: float) -> float | None:
     return instance["dph_total"] * (end - instance["created_at"]) / 3600
 
 
+def gpus_held(attempt: dict, capacity: float) -> float:
+    """GPUs an attempt holds on a rented instance: the ones it was given (gpu_index), else its request rounded
+    up (a rented GPU is not shared: an arm asking for 0.25 holds, and pays for, a whole one); an arm asking
+    for no GPU takes the whole box."""
+    if attempt.get("gpu_index"):
+        return float(len([g for g in str(attempt["gpu_index"]).split(",") if g.strip()]))
+    if attempt["gpus"] and attempt["gpus"] > 0:
+        return float(math.ceil(attempt["gpus"]))
+    return capacity
+
+
 def price_instance(instance: dict, attempts: list[dict], now: float) -> list[CostLine]:
     """Split one instance's cost into boot, per-attempt and idle lines.
 
@@ -199,7 +212,7 @@ def price_instance(instance: dict, attempts: list[dict], now: float) -> list[Cos
         a_from, a_to = max(a["started_at"], ready), min(a["ended_at"] or end, end)
         if a_to <= a_from:
             continue
-        weight = float(a["gpus"]) if a["gpus"] and a["gpus"] > 0 else capacity
+        weight = gpus_held(a, capacity)
         in_waste = a["state"] in WASTE_STATES
         running_at = a["running_at"] if a["running_at"] is not None else a["started_at"]
         split = min(max(running_at, a_from), a_to)

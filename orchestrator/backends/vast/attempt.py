@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -134,6 +135,7 @@ class RemoteAttempt:
         self.metrics_offset = self.health_offset = self.log_offset = 0
         self.pulled_checkpoint: dict | None = None
         self.last_step: int | None = None
+        self.silence_limit: Callable[[], float | None] = lambda: None    # the dead-man silence to set at each poll
 
     def helper(self, *args: str) -> list[str]:
         return ["python3", self.paths.supervisor, *args]
@@ -196,6 +198,9 @@ class RemoteAttempt:
         argv = self.helper("poll", "--workdir", self.work, "--metrics-offset", str(self.metrics_offset),
                            "--health-offset", str(self.health_offset), "--log-offset", str(self.log_offset),
                            "--contact-file", self.paths.contact)
+        silence = self.silence_limit()
+        if silence is not None:
+            argv += ["--silence-seconds", f"{silence:.0f}"]
         result = self.conn.run(argv, check=True)
         answer = json.loads(result.stdout.strip().splitlines()[-1])
         rows = []
@@ -224,8 +229,14 @@ class RemoteAttempt:
         """SIGTERM through the supervisor: the trainer checkpoints and exits 143."""
         self.conn.run(self.helper("stop", "--workdir", self.work), check=True)
 
-    def pull_checkpoint(self, state: dict | None) -> bool:
-        """Pull checkpoints/last.pt when it changed since the last pull; verified by sha256, written atomically."""
+    def pull_checkpoint(self, state: dict | None, catch_up: Callable[[], None] | None = None) -> bool:
+        """Pull checkpoints/last.pt when it changed since the last pull; verified by sha256, written atomically.
+
+        `catch_up()` runs after the snapshot is taken and before it replaces the local last.pt: it must read
+        (and pass on) every metrics row the instance has by then, which holds every row up to the checkpoint's
+        step (the trainer makes its rows durable before it checkpoints). Without it, a pulled checkpoint could
+        be newer than the rows read, and an attempt that dies before its next poll would resume after rows
+        nobody read: a gap in the curve."""
         if state is None or state == self.pulled_checkpoint:
             return False
         local_dir = self.out_dir / "checkpoints"
@@ -251,19 +262,21 @@ class RemoteAttempt:
                 tmp.unlink(missing_ok=True)
                 log.warning("checkpoint of %s not kept: %s", self.work, refusal)
                 return False
-            replace_atomically(tmp, local_dir / "last.pt")
             return True
 
-        pulled = self.conn.call(pull)
-        if pulled:
-            self.pulled_checkpoint = state
-        return pulled
+        if not self.conn.call(pull):
+            return False
+        if catch_up is not None:
+            catch_up()
+        replace_atomically(tmp, local_dir / "last.pt")
+        self.pulled_checkpoint = state
+        return True
 
     # ---- at the end ----
 
-    def collect(self, checkpoint_state: dict | None) -> None:
+    def collect(self, checkpoint_state: dict | None, catch_up: Callable[[], None] | None = None) -> None:
         """Pull everything the trainer left: checkpoint (verified), summary.json, artifact.pt, samples/."""
-        self.pull_checkpoint(checkpoint_state)
+        self.pull_checkpoint(checkpoint_state, catch_up)
 
         def pull(remote: Remote) -> list[str]:
             refused: list[str] = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import shlex
 import shutil
 import threading
 import time
@@ -33,15 +34,13 @@ from orchestrator.backends.vast.deploy import (CodeBundle, DeployError, boot_wat
 from orchestrator.backends.vast.pool import InstancePool, PoolClosed, PooledInstance
 from orchestrator.backends.vast.reap import reap_keys
 from orchestrator.backends.vast.ssh import Connection, HostKeyChanged, KeyPair, SshError, load_or_create_keypair
-from orchestrator.backends.vast.watch import AttemptWatch, Budget
+from orchestrator.backends.vast.budget import Budget, BudgetRefused
+from orchestrator.backends.vast.watch import AttemptWatch
+from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
-
-
-class BudgetRefused(Exception):
-    """Renting another instance would take the run over its budget."""
 
 
 class VastBackend:
@@ -50,7 +49,7 @@ class VastBackend:
     def __init__(self, ledger: Ledger, run_id: str, run_dir: str | Path, cfg: VastConfig,
                  budget_dollars: float | None, allow_dirty: bool = False, repo_root: str | Path = REPO_ROOT):
         self.ledger, self.run_id, self.run_dir, self.cfg = ledger, run_id, Path(run_dir), cfg
-        self.budget = Budget(ledger, run_id, budget_dollars)
+        self.budget = Budget(ledger, run_id, budget_dollars, cfg)
         self.allow_dirty, self.repo_root = allow_dirty, Path(repo_root)
         self.client = None
         self.key: KeyPair | None = None
@@ -67,6 +66,40 @@ class VastBackend:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Ready to run attempts. A failure leaves nothing behind for a run the ledger does not have yet (so the
+        same command can simply run again) and the run as it was for one it has (so `resume` works); an API that
+        does not answer within its deadline is reported as such, without a traceback."""
+        try:
+            self._start()
+        except BaseException as exc:
+            self._undo_start()
+            if isinstance(exc, provider.ProviderError):
+                again = (f"`armature resume {self.run_id}` tries again" if self._run_recorded()
+                         else "nothing was rented or recorded; run the same command again")
+                raise UserError(f"the Vast API did not answer while starting run {self.run_id}: {exc}; "
+                                f"{again}") from None
+            raise
+
+    def _run_recorded(self) -> bool:
+        return self.ledger.query_one("SELECT 1 AS x FROM runs WHERE run_id=?", (self.run_id,)) is not None
+
+    def _undo_start(self) -> None:
+        """After a failed start: the account key off again (best effort), and no trace of a run not yet created."""
+        self._closing.set()
+        if self._account_key_id is not None and not self.ledger.live_instances(self.run_id):
+            try:
+                provider.remove_ssh_key(self.client, self.cfg, self._account_key_id)
+            except provider.ProviderError as exc:
+                log.warning("could not remove the run's SSH key from the account: %s (`armature reap` will)", exc)
+        shutil.rmtree(self.run_dir / ".vast" / "deploy", ignore_errors=True)
+        if not self._run_recorded():
+            shutil.rmtree(self.run_dir / ".vast", ignore_errors=True)
+            try:
+                self.run_dir.rmdir()                  # only when empty: never anything the user put there
+            except OSError:
+                pass
+
+    def _start(self) -> None:
         self.client = provider.make_client(self.cfg.server_url)
         self.bundle = make_code_bundle(self.repo_root, self.run_dir / ".vast" / "deploy", self.allow_dirty,
                                        secrets=(provider.api_key_of(self.client),))
@@ -111,7 +144,9 @@ class VastBackend:
     # ---- attempts ------------------------------------------------------------------------------
 
     def max_concurrent(self, cpus: float, gpus: float) -> int:
-        return self.cfg.max_instances * (self.cfg.arms_per_instance or self.cfg.num_gpus)
+        """Attempts at once: as many as `max_instances` instances hold. The pool counts the instances
+        themselves (an arm that finds none with room waits while max_instances are rented)."""
+        return self.cfg.max_instances * self.cfg.max_arms_per_instance
 
     def run_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
         try:
@@ -199,7 +234,11 @@ class VastBackend:
         if spent:
             return AttemptResult("cancelled", reason=spent)
         for _ in range(self.cfg.max_launch_tries):
-            instance, gpus, must_launch = self.pool.claim(spec.attempt_id, wanted, self.cfg.num_gpus, max_arms)
+            claimed = self.pool.claim(spec.attempt_id, wanted, self.cfg.num_gpus, max_arms, self.cfg.max_instances,
+                                      stop)
+            if claimed is None:
+                return AttemptResult("interrupted", reason="stopped while waiting for an instance")
+            instance, gpus, must_launch = claimed
             if must_launch:
                 try:
                     self._launch(instance, spec, stop)
@@ -240,11 +279,10 @@ class VastBackend:
                     found, excluded)
             if not ranked:
                 raise provider.LaunchFailed("no offer matches the vast: query" + _tried(failures))
-            affordable = [o for o in ranked if self.budget.launch_refusal(float(o["dph_total"]),
-                                                                           self.cfg.expected_hours_per_instance) is None]
+            affordable = [o for o in ranked if self.budget.launch_refusal(float(o["dph_total"])) is None]
             if not affordable:
-                raise BudgetRefused(self.budget.launch_refusal(float(ranked[0]["dph_total"]),
-                                                               self.cfg.expected_hours_per_instance))
+                raise BudgetRefused(self.budget.launch_refusal(float(ranked[0]["dph_total"]))
+                                    or "budget: no offer fits under the cap")
             offer = affordable[0]
             with self._lock:
                 self._offers_in_flight.add(str(offer["id"]))
@@ -264,8 +302,13 @@ class VastBackend:
 
     def _launch_offer(self, instance: PooledInstance, offer: dict, label: str, stop: threading.Event) -> None:
         env = {"VAST_SERVER_URL": self.cfg.server_url} if self.cfg.server_url else {}
+        ledger_id, silence = self.budget.admit(float(offer["dph_total"]), lambda: provider.record_intent(
+            self.ledger, run_id=self.run_id, offer=offer, label=label))
         ledger_id = provider.launch(self.client, self.ledger, self.cfg, run_id=self.run_id, offer=offer, label=label,
-                                    public_key=self.key.public_line, env=env, onstart=boot_watchdog_onstart(self.cfg))
+                                    public_key=self.key.public_line, env=env, instance_id=ledger_id,
+                                    onstart=boot_watchdog_onstart(self.cfg, silence))
+        self.ledger.event(self.run_id, "instance.dead_man_switch", instance_id=ledger_id,
+                          silence_seconds=round(silence, 1))
         row = self.ledger.instance(ledger_id)
         instance.ledger_id, instance.provider_id = ledger_id, row["provider_instance_id"]
         instance.machine_id, instance.gpu_name = str(offer.get("machine_id")), offer.get("gpu_name")
@@ -275,7 +318,7 @@ class VastBackend:
                 raise provider.LaunchCancelled("the backend shut down while the instance booted")
             instance.conn = self._connection(host, port, host_key)
             instance.paths = instance.conn.call(lambda remote: resolve_paths(remote, self.cfg))
-            install_helper_and_watchdog(instance.conn, instance.paths, self.cfg, self.repo_root)
+            install_helper_and_watchdog(instance.conn, instance.paths, self.cfg, self.repo_root, silence)
         except provider.LaunchFailed as exc:
             provider.terminate(self.client, self.ledger, self.cfg, ledger_id, reason=str(exc))
             raise
@@ -319,6 +362,8 @@ class VastBackend:
         idle = self.pool.release(instance, attempt_id)
         if idle and not self.cfg.keep_instances:
             self.retire(instance, "arm finished (keep_instances is off)")
+        elif idle and self.budget.exhausted():          # nothing more may run on it: stop paying for it now
+            self.retire(instance, "the budget is spent")
 
     def retire(self, instance: PooledInstance, reason: str) -> None:
         if self.pool.retire(instance):
@@ -333,7 +378,6 @@ class VastBackend:
     def _destroy_idle_instances(self) -> None:
         """Destroy instances idle too long; keep the dead-man switch of the others quiet (nothing polls them)."""
         period = max(0.5, min(5.0, self.cfg.idle_destroy_seconds / 4))
-        keepalive_every = min(self.cfg.orchestrator_silence_seconds / 3, 300.0)
         last_keepalive = time.monotonic()
         while not self._closing.wait(period):
             for instance in self.pool.retire_idle(self.cfg.idle_destroy_seconds):
@@ -341,11 +385,13 @@ class VastBackend:
                     self._destroy(instance, f"idle for {self.cfg.idle_destroy_seconds:g}s")
                 except Exception:
                     log.exception("destroying idle instance %s failed", instance.provider_id)
-            if time.monotonic() - last_keepalive >= keepalive_every:
+            # The silence in force may be the shorter one the budget set at the last poll (budget.silence_now).
+            silence = min(self.cfg.orchestrator_silence_seconds, self.budget.silence_now() or math.inf)
+            if time.monotonic() - last_keepalive >= min(silence / 3, 300.0):
                 last_keepalive = time.monotonic()
                 for instance in self.pool.idle():
                     try:
-                        instance.conn.run(["touch", instance.paths.contact])
+                        instance.conn.run(["sh", "-c", f"echo {silence:.0f} > {shlex.quote(instance.paths.contact)}"])
                     except SshError as exc:
                         log.warning("instance %s: keep-alive failed: %s", instance.provider_id, exc)
 

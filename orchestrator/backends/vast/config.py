@@ -48,8 +48,10 @@ class VastConfig(BaseModel, extra="forbid"):
         60.0, ge=0, description="after a create answered a timeout or 5xx, look for its instance by label this long")
 
     # ---- talking to the provider and the instance ---------------------------------------------
-    api_retries: int = Field(6, ge=1, description="tries of one API call on 429/5xx/connection errors")
-    api_backoff_seconds: float = Field(2.0, gt=0, description="first wait between API tries (doubles)")
+    api_deadline_seconds: float = Field(
+        600.0, gt=0, description="one API call retries 429s, 5xx and dropped connections (with backoff) this long "
+                                 "before it fails; a rate limit is waited out, not counted")
+    api_backoff_seconds: float = Field(2.0, gt=0, description="first wait between API tries (doubles, to 60 s)")
     ssh_timeout_seconds: float = Field(30.0, gt=0, description="timeout of one SSH connect or command")
     ssh_retries: int = Field(4, ge=1, description="tries of one SSH operation on connection errors")
     install_timeout_seconds: float = Field(1200.0, gt=0, description="dependency install on the instance")
@@ -67,14 +69,19 @@ class VastConfig(BaseModel, extra="forbid"):
     # ---- safety nets on the instance -------------------------------------------------------------
     orchestrator_silence_seconds: float = Field(
         1500.0, gt=0, description="dead-man switch (armed at boot): the instance destroys itself after this long "
-                                  "without contact from the orchestrator")
+                                  "without contact from the orchestrator; less under a budget, what the "
+                                  "remaining budget pays for (budget.py)")
     max_lifetime_hours: float = Field(72.0, gt=0, description="the instance destroys itself after this long")
 
     # ---- teardown and budget --------------------------------------------------------------------
     destroy_deadline_seconds: float = Field(900.0, gt=0,
                                             description="keep retrying a destroy until confirmed this long")
     expected_hours_per_instance: float = Field(
-        2.0, gt=0, description="budget projection: a new instance is assumed to run this long")
+        2.0, gt=0, description="budget projection: a new instance is assumed to work this long after booting")
+    checkpoint_pull_seconds: float = Field(
+        120.0, ge=0, description="budget reserve: how long the last checkpoint pull of a stopped arm may take")
+    destroy_seconds: float = Field(
+        60.0, ge=0, description="budget reserve: how long a destroy takes to be confirmed")
 
     @model_validator(mode="after")
     def _check(self) -> "VastConfig":

@@ -200,8 +200,9 @@ def detached(cwd: str, argv: list[str], log: str) -> str:
 
 # Started by the instance's own start command (onstart), before anyone can SSH in: destroys the
 # instance with its instance-scoped key (CONTAINER_API_KEY, never the account key) when the
-# last-contact file has been quiet for `silence` seconds, or after `lifetime` seconds. Standard
-# library only; argv: contact file, silence, lifetime, check period, API URL.
+# last-contact file has been quiet for `silence` seconds (or the shorter silence the orchestrator last wrote
+# into it), or after `lifetime` seconds. Standard library only; argv: contact file, silence, lifetime, check
+# period, API URL.
 BOOT_WATCHDOG = """
 import os, sys, time, urllib.request as u
 contact, silence, lifetime, period, url = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5]
@@ -215,7 +216,11 @@ while True:
         quiet = now - os.path.getmtime(contact)
     except OSError:
         quiet = now - started
-    if quiet <= silence and now - started <= lifetime:
+    try:    # a shorter silence the orchestrator wrote at its last contact (what the budget still pays for)
+        limit = min(silence, float(open(contact).read(64).strip() or "inf"))
+    except (OSError, ValueError):
+        limit = silence
+    if quiet <= limit and now - started <= lifetime:
         continue
     me, key = os.environ.get("CONTAINER_ID", ""), os.environ.get("CONTAINER_API_KEY", "")
     print(time.strftime("%Y-%m-%dT%H:%M:%S"), "boot watchdog: quiet %.0fs, up %.0fs: destroying"
@@ -232,27 +237,32 @@ while True:
 """
 
 
-def boot_watchdog_onstart(cfg: VastConfig) -> str:
+def boot_watchdog_onstart(cfg: VastConfig, silence_seconds: float | None = None) -> str:
     """The instance's start command: the dead-man switch, armed before SSH answers (an orchestrator killed
-    while the instance boots leaves no orphan). install_helper_and_watchdog adds the full one later."""
+    while the instance boots leaves no orphan). install_helper_and_watchdog adds the full one later.
+    `silence_seconds`: the instance's own silence (the budget's, see budget.py); default the configured one."""
     q = shlex.quote
+    silence = cfg.orchestrator_silence_seconds if silence_seconds is None else silence_seconds
     base = f'"$HOME"/{q(cfg.remote_dir.strip("/"))}'
-    argv = [f"{base}/last-contact", f"{cfg.orchestrator_silence_seconds:g}", f"{cfg.max_lifetime_hours * 3600:g}",
-            f"{min(5.0, cfg.orchestrator_silence_seconds / 4):g}", q(cfg.server_url or DEFAULT_API_URL)]
+    argv = [f"{base}/last-contact", f"{silence:g}", f"{cfg.max_lifetime_hours * 3600:g}",
+            f"{min(5.0, silence / 4):g}", q(cfg.server_url or DEFAULT_API_URL)]
     return (f"mkdir -p {base} && nohup python3 -c {q(BOOT_WATCHDOG)} {' '.join(argv)} "
             f">> {base}/boot-watchdog.log 2>&1 < /dev/null &\n")
 
 
 # ---- preparing an instance -----------------------------------------------------------------------------
 
-def install_helper_and_watchdog(conn: Connection, paths: InstancePaths, cfg: VastConfig, repo_root: Path) -> None:
-    """Upload the supervisor and start the dead-man watchdog (idempotent; first thing after SSH answers)."""
+def install_helper_and_watchdog(conn: Connection, paths: InstancePaths, cfg: VastConfig, repo_root: Path,
+                                silence_seconds: float | None = None) -> None:
+    """Upload the supervisor and start the dead-man watchdog (idempotent; first thing after SSH answers).
+    `silence_seconds` as for boot_watchdog_onstart."""
+    silence = cfg.orchestrator_silence_seconds if silence_seconds is None else silence_seconds
     watchdog = [
         "python3", paths.supervisor, "watchdog", "--contact-file", paths.contact,
         "--pid-file", f"{paths.base}/watchdog.pid", "--log", f"{paths.base}/watchdog.log",
-        "--silence-seconds", f"{cfg.orchestrator_silence_seconds:g}",
+        "--silence-seconds", f"{silence:g}",
         "--max-lifetime-seconds", f"{cfg.max_lifetime_hours * 3600:g}",
-        "--check-seconds", f"{min(5.0, cfg.orchestrator_silence_seconds / 4):g}",
+        "--check-seconds", f"{min(5.0, silence / 4):g}",
     ] + (["--server-url", cfg.server_url] if cfg.server_url else [])
 
     def install(remote: Remote) -> None:

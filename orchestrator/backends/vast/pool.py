@@ -65,14 +65,24 @@ class InstancePool:
         self._instances: list[PooledInstance] = []
         self.closed = False
 
-    def claim(self, attempt_id: int, gpus: int, num_gpus: int, max_arms: int) -> tuple[PooledInstance, list[int], bool]:
-        """GPUs for an attempt: (instance, GPU indices, whether the caller must launch the instance)."""
+    def claim(self, attempt_id: int, gpus: int, num_gpus: int, max_arms: int, max_instances: int | None = None,
+              stop: threading.Event | None = None) -> tuple[PooledInstance, list[int], bool] | None:
+        """GPUs for an attempt: (instance, GPU indices, whether the caller must launch the instance).
+
+        A new instance is only started while fewer than `max_instances` are launching or ready; else the
+        claim waits for room on one of them (None when `stop` is set meanwhile)."""
         with self._cond:
-            if self.closed:
-                raise PoolClosed("the vast backend is shutting down")
-            rooms = [i for i in self._instances if i.has_room(gpus)]
-            rooms.sort(key=lambda i: (i.state != "ready", -len(i.holders), i.serial))
-            is_new = not rooms
+            while True:
+                if self.closed:
+                    raise PoolClosed("the vast backend is shutting down")
+                rooms = [i for i in self._instances if i.has_room(gpus)]
+                rooms.sort(key=lambda i: (i.state != "ready", -len(i.holders), i.serial))
+                is_new = not rooms
+                if not is_new or max_instances is None or len(self._instances) < max_instances:
+                    break
+                if stop is not None and stop.is_set():
+                    return None
+                self._cond.wait(0.5)
             if is_new:
                 instance = PooledInstance(num_gpus=num_gpus, max_arms=max_arms)
                 self._instances.append(instance)
@@ -110,6 +120,7 @@ class InstancePool:
         with self._cond:
             instance.state = "ready"
             instance.ready.set()
+            self._cond.notify_all()
 
     def mark_failed(self, instance: PooledInstance, reason: str) -> None:
         with self._cond:
@@ -117,11 +128,13 @@ class InstancePool:
             if instance in self._instances:
                 self._instances.remove(instance)
             instance.ready.set()
+            self._cond.notify_all()
 
     def release(self, instance: PooledInstance, attempt_id: int) -> bool:
         """Give an attempt's GPUs back; True when the instance is now idle (nobody holds it)."""
         with self._cond:
             instance.holders.pop(attempt_id, None)
+            self._cond.notify_all()
             if instance.holders:
                 return False
             instance.idle_since = time.monotonic()
@@ -136,6 +149,7 @@ class InstancePool:
             if instance in self._instances:
                 self._instances.remove(instance)
             instance.ready.set()
+            self._cond.notify_all()
             return True
 
     def retire_idle(self, idle_seconds: float) -> list[PooledInstance]:
@@ -147,6 +161,7 @@ class InstancePool:
             for instance in idle:
                 instance.state = "retired"
                 self._instances.remove(instance)
+            self._cond.notify_all()
             return idle
 
     def idle(self) -> list[PooledInstance]:
@@ -161,4 +176,5 @@ class InstancePool:
             for instance in instances:
                 instance.state = "retired"
                 instance.ready.set()
+            self._cond.notify_all()
             return instances

@@ -49,9 +49,10 @@ OCI_FAILURE = "OCI runtime create failed"
 class ProviderError(Exception):
     """A Vast API call failed for good (after retries)."""
 
-    def __init__(self, message: str, status: int | None = None, error: str | None = None):
+    def __init__(self, message: str, status: int | None = None, error: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
-        self.status, self.error = status, error
+        self.status, self.error, self.retry_after = status, error, retry_after
 
 
 class OfferGone(ProviderError):
@@ -120,42 +121,52 @@ def _error_of(response: requests.Response | None) -> tuple[str | None, str]:
     return None, str(body)[:200]
 
 
-def call_api(what: str, fn: Callable[..., Any], *args, tries: int, backoff: float, **kwargs) -> Any:
-    """fn(*args, **kwargs), retried with exponential backoff on 429, 5xx and connection errors."""
+def call_api(what: str, fn: Callable[..., Any], *args, deadline_s: float, backoff: float, **kwargs) -> Any:
+    """fn(*args, **kwargs), retried with exponential backoff (to 60 s, or the Retry-After a 429 names) on 429,
+    5xx and connection errors until `deadline_s` has passed: a rate limit or an outage is waited out
+    however many answers it takes, and only an error that outlasts the deadline fails the call."""
+    give_up_at = time.monotonic() + deadline_s
     delay = backoff
-    for attempt in range(1, tries + 1):
+    tries = 0
+    while True:
+        tries += 1
         try:
             return fn(*args, **kwargs)
         except requests.HTTPError as exc:
             response = exc.response
             status = response.status_code if response is not None else None
             error, message = _error_of(response)
-            if status in RETRYABLE_HTTP and attempt < tries and error != "search_quota_exceeded":
-                wait = delay
-                retry_after = response.headers.get("Retry-After") if response is not None else None
-                if retry_after:
-                    try:
-                        wait = max(wait, min(float(retry_after), 60.0))
-                    except ValueError:
-                        pass
+            wait = _retry_after(response)          # the server says when its rate limit refills
+            if wait is None:
+                wait, delay = delay, min(delay * 2, 60.0)
+            if status in RETRYABLE_HTTP and error != "search_quota_exceeded" \
+                    and time.monotonic() + wait < give_up_at:
                 log.info("vast %s: HTTP %s, retrying in %.1fs", what, status, wait)
                 time.sleep(wait)
-                delay = min(delay * 2, 60.0)
                 continue
             cls = OfferGone if status in (404, 410) and error == "no_such_ask" else ProviderError
-            raise cls(f"vast {what}: HTTP {status} {error or ''} {message}".strip(), status, error) from None
+            after = f" (still after {tries} tries in {deadline_s:g}s)" if status in RETRYABLE_HTTP else ""
+            raise cls(f"vast {what}: HTTP {status} {error or ''} {message}".strip() + after, status, error,
+                      _retry_after(response)) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            if attempt < tries:
+            if time.monotonic() + delay < give_up_at:
                 log.info("vast %s: %s, retrying in %.1fs", what, type(exc).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 continue
-            raise ProviderError(f"vast {what}: {type(exc).__name__} after {tries} tries") from None
-    raise AssertionError("unreachable")
+            raise ProviderError(f"vast {what}: {type(exc).__name__} after {tries} tries in {deadline_s:g}s") from None
+
+
+def _retry_after(response: requests.Response | None) -> float | None:
+    """A Retry-After header in seconds (at most 60), or None."""
+    try:
+        return min(max(float(response.headers["Retry-After"]), 0.0), 60.0)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _api(cfg: VastConfig) -> dict:
-    return {"tries": cfg.api_retries, "backoff": cfg.api_backoff_seconds}
+    return {"deadline_s": cfg.api_deadline_seconds, "backoff": cfg.api_backoff_seconds}
 
 
 # ---- offers and keys ---------------------------------------------------------------------------
@@ -207,9 +218,18 @@ def remove_ssh_key(client, cfg: VastConfig, key_id: int) -> None:
 
 # ---- launch ------------------------------------------------------------------------------------------
 
+def record_intent(ledger: Ledger, *, run_id: str, offer: dict, label: str) -> int:
+    """The ledger row of an instance about to be rented from `offer` (written before the provider is asked)."""
+    return ledger.add_instance(
+        run_id=run_id, provider=PROVIDER, label=label, offer_id=str(offer["id"]),
+        machine_id=str(offer.get("machine_id")), gpu_name=offer.get("gpu_name"), num_gpus=offer.get("num_gpus"),
+        dph_total=float(offer["dph_total"]))
+
+
 def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict, label: str,
-           public_key: str, env: dict[str, str], onstart: str | None = None) -> int:
-    """Rent `offer`; returns the ledger id of the instance (its row exists before the provider is asked).
+           public_key: str, env: dict[str, str], onstart: str | None = None, instance_id: int | None = None) -> int:
+    """Rent `offer`; returns the ledger id of the instance (its row exists before the provider is asked:
+    `instance_id` when the caller wrote it with record_intent, e.g. under the budget's lock).
     `onstart`: the instance's start command (a shell script), e.g. the boot dead-man switch.
 
     The instance is labelled `label:<ledger row id>`, unique to this try. The create is sent once
@@ -217,10 +237,8 @@ def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict,
     definite no (a timeout, a 5xx, a dropped connection, an answer without an id) the instance is
     looked up by that label until cfg.create_lookup_seconds, and recorded (and used) when found.
     """
-    instance_id = ledger.add_instance(
-        run_id=run_id, provider=PROVIDER, label=label, offer_id=str(offer["id"]),
-        machine_id=str(offer.get("machine_id")), gpu_name=offer.get("gpu_name"), num_gpus=offer.get("num_gpus"),
-        dph_total=float(offer["dph_total"]))
+    if instance_id is None:
+        instance_id = record_intent(ledger, run_id=run_id, offer=offer, label=label)
     label = f"{label}:{instance_id}"
     ledger.update_instance(instance_id, label=label)
     try:
@@ -239,21 +257,25 @@ def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict,
 
 
 def _create_once(client, cfg: VastConfig, offer: dict, label: str, env: dict[str, str], onstart: str | None) -> dict:
-    """One create request (re-sent only after a rate limit, which rents nothing), with the SDK's retries off."""
+    """One create request (re-sent only after a rate limit, which rents nothing, until the API deadline), with
+    the SDK's retries off."""
     once = make_client(client.client.server_url, api_key=api_key_of(client), retry=1)
     once.client.timeout = cfg.create_timeout_seconds
+    give_up_at = time.monotonic() + cfg.api_deadline_seconds
     delay = cfg.api_backoff_seconds
-    for attempt in range(1, cfg.api_retries + 1):
+    while True:
         try:
             return call_api("create instance", once.create_instance, int(offer["id"]), image=cfg.image,
                             disk=cfg.disk_gb, env=env, label=label, onstart_cmd=onstart, cancel_unavail=True,
-                            ssh=True, direct=True, price=offer_rules.bid_price(offer, cfg), tries=1, backoff=delay)
+                            ssh=True, direct=True, price=offer_rules.bid_price(offer, cfg), deadline_s=0,
+                            backoff=delay)
         except ProviderError as exc:
-            if exc.status != 429 or attempt == cfg.api_retries:
+            wait = exc.retry_after
+            if wait is None:
+                wait, delay = delay, min(delay * 2, 60.0)
+            if exc.status != 429 or time.monotonic() + wait >= give_up_at:
                 raise
-            time.sleep(delay)
-            delay = min(delay * 2, 60.0)
-    raise AssertionError("unreachable")
+            time.sleep(wait)
 
 
 def definite_no(exc: ProviderError) -> bool:
@@ -438,7 +460,8 @@ def terminate(client, ledger: Ledger, cfg: VastConfig, instance_id: int, reason:
         try:
             if not delete_accepted:
                 try:
-                    call_api("destroy instance", client.destroy_instance, int(provider_id), **_api(cfg))
+                    call_api("destroy instance", client.destroy_instance, int(provider_id), deadline_s=0,
+                             backoff=delay)          # one try: this loop retries (and records each failure)
                 except ProviderError as exc:
                     if exc.status != 404:
                         raise

@@ -30,7 +30,7 @@ def orphan_reason(ledger: Ledger, run_id: str | None) -> str | None:
     run = ledger.query_one("SELECT * FROM runs WHERE run_id=?", (run_id,))
     if run is None:
         return f"run {run_id} is not in the ledger"
-    if run["state"] != "running":
+    if run["state"] not in ("running", "stopping"):       # stopping: its orchestrator is destroying them
         return f"run {run_id} is {run['state']}"
     if run["orchestrator_host"] == os.uname().nodename and not orchestrator_alive(run):
         return f"run {run_id}'s orchestrator (pid {run['orchestrator_pid']}) is dead"

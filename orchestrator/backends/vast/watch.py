@@ -23,8 +23,6 @@ from orchestrator.backends.vast import provider
 from orchestrator.backends.vast.attempt import News, RemoteAttempt, log_tail
 from orchestrator.backends.vast.pool import PooledInstance
 from orchestrator.backends.vast.ssh import HostKeyChanged, SshError
-from orchestrator.cost.model import current_spend
-from orchestrator.ledger import Ledger
 from orchestrator.telemetry.gpu import NVIDIA_SMI_QUERY, parse_nvidia_smi_csv
 
 if TYPE_CHECKING:
@@ -35,42 +33,6 @@ EXIT_SIGTERM = 143
 DRAIN_POLLS = 50           # at most this many extra polls to read what a finished trainer left
 
 
-class Budget:
-    """The run's spending limit, from the ledger's cost model (None = unlimited)."""
-
-    def __init__(self, ledger: Ledger, run_id: str, dollars: float | None):
-        self.ledger, self.run_id, self.dollars = ledger, run_id, dollars
-        self._stop_recorded = False
-        self._lock = threading.Lock()
-
-    def spent(self) -> float:
-        return current_spend(self.ledger, self.run_id)
-
-    def launch_refusal(self, dollars_per_hour: float, hours: float) -> str | None:
-        """Why a new instance at this price may not be rented, or None when it fits."""
-        if self.dollars is None:
-            return None
-        spent = self.spent()
-        projected = spent + dollars_per_hour * hours
-        if projected <= self.dollars:
-            return None
-        return (f"budget: renting a ${dollars_per_hour:.3f}/h instance for the expected {hours:g} h would bring the "
-                f"spend to ${projected:.2f}, over the budget of ${self.dollars:.2f} (spent so far ${spent:.2f})")
-
-    def exhausted(self) -> str | None:
-        if self.dollars is None:
-            return None
-        spent = self.spent()
-        if spent < self.dollars:
-            return None
-        with self._lock:
-            if not self._stop_recorded:
-                self._stop_recorded = True
-                self.ledger.event(self.run_id, "budget.stop", spent_dollars=round(spent, 4),
-                                  budget_dollars=self.dollars)
-        return f"budget: spent ${spent:.2f} of ${self.dollars:.2f}"
-
-
 class AttemptWatch:
     def __init__(self, backend: "VastBackend", instance: PooledInstance, spec: AttemptSpec, gpus: list[int],
                  emit: Emit, stop: threading.Event):
@@ -78,6 +40,7 @@ class AttemptWatch:
         self.spec, self.gpus, self.emit, self.stop = spec, gpus, emit, stop
         self.out_dir = Path(spec.out_dir)
         self.remote = RemoteAttempt(instance.conn, instance.paths, spec.attempt_id, self.out_dir, self.cfg)
+        self.remote.silence_limit = backend.budget.silence_now
         self.stop_reason: str | None = None
         self.adopting = False
 
@@ -146,7 +109,7 @@ class AttemptWatch:
             elif now - stop_sent_at > self.cfg.stop_grace_seconds + 3 * self.cfg.poll_seconds:
                 return self.finish(news, note="the trainer did not exit after SIGTERM")
             if now >= next_pull:
-                self.remote.pull_checkpoint(news.checkpoint)
+                self.remote.pull_checkpoint(news.checkpoint, self.catch_up)
                 next_pull = now + self.cfg.pull_checkpoints_every_minutes * 60
             if stop_sent_at is None:
                 self.stop.wait(self.cfg.poll_seconds)
@@ -173,6 +136,11 @@ class AttemptWatch:
                     return self.instance_lost(f"no contact for {silent:.0f}s ({exc})")
                 time.sleep(min(self.cfg.poll_seconds, 5.0))
 
+    def catch_up(self) -> None:
+        """Read and pass on what the instance has now (before a pulled checkpoint is accepted; see
+        RemoteAttempt.pull_checkpoint). An exit it shows is read again by the next poll."""
+        self.forward(self.remote.poll())
+
     def forward(self, news: News) -> None:
         if news.rows:
             self.emit({"kind": "metrics", "rows": news.rows})
@@ -192,7 +160,7 @@ class AttemptWatch:
                 break
             news = self.remote.poll()
             self.forward(news)
-        self.remote.collect(news.checkpoint)
+        self.remote.collect(news.checkpoint, self.catch_up)
         self.remote.remove()
         code = news.exit["exit_code"] if news.exit else None
         end_step = self.remote.last_step
