@@ -25,6 +25,8 @@ def tiny_spec(tmp_path: Path, body: str, name: str = "spec.yaml") -> Path:
 def armature_env(home: Path, **extra: str) -> dict:
     env = {**os.environ, "ARMATURE_HOME": str(home), "PYTHONPATH": str(REPO_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    for name in ("COLUMNS", "LINES"):     # pytest-xdist workers export 80x24; a user's shell does not
+        env.pop(name, None)
     env.update(extra)
     return env
 
