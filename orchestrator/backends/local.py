@@ -6,6 +6,12 @@ group, pinned with CUDA_VISIBLE_DEVICES, and streams events back to the
 driver: the pid, new metrics.jsonl lines, the outcome. The driver is the only
 writer of the ledger, so tasks on other nodes need no access to it.
 
+Nor to the driver's files: a task on a node that does not see the arm run's
+folder runs the trainer in a node-local folder, gets the upstream artifacts and
+the checkpoint to resume from as Ray objects, and sends the checkpoint (when it
+changes) and at the end every output back for the driver to write
+(orchestrator/backends/transfer.py).
+
 Stopping: the driver marks the attempt in a small `StopBoard` actor; the task
 sees it within half a second, sends SIGTERM to the trainer's process group
 (the trainer checkpoints and exits 143) and reports the outcome.
@@ -17,10 +23,12 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -29,6 +37,7 @@ from pathlib import Path
 import ray
 from ray._private import ray_constants
 
+from orchestrator.backends import transfer
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
 from orchestrator.metrics_tail import JsonlTail, log_tail
 from orchestrator.paths import REPO_ROOT
@@ -37,6 +46,7 @@ from orchestrator.procs import process_start_time
 EXIT_DIVERGED = 3                      # trainers/common.py: the trainer contract
 STOP_GRACE_SECONDS = 120               # a trainer gets this long to checkpoint after SIGTERM
 POLL_SECONDS = 1.0                     # metrics and stop requests; a trainer that exits is seen at once
+CHECKPOINT_SHIP_SECONDS = 5.0          # a node without the driver's files sends a new checkpoint at most this often
 
 
 @ray.remote(num_cpus=0)
@@ -91,14 +101,41 @@ def _hardware(gpu_ids: list) -> str:
         return "gpu"
 
 
-def _attempt_task(spec: AttemptSpec, board):
-    """A Ray streaming task: run the trainer, yield events, end with {"kind": "result", ...}."""
-    out = Path(spec.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = dict(spec.config)
-    config.update(spec.upstream_dirs)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+def _attempt_task(spec: AttemptSpec, board, inputs: dict):
+    """A Ray streaming task: run the trainer, yield events, end with {"kind": "result", ...}.
 
+    Where the driver's arm run folder is visible (its mark reads back), the trainer works in it. Elsewhere it
+    works in a node-local folder filled from `inputs` (Ray objects the driver put: upstream artifacts, and the
+    checkpoint, metrics and log to resume from), and its outputs go back as {"kind": "files"} events.
+    """
+    shared = transfer.sees_mark(Path(spec.out_dir), inputs["mark"])
+    workdir = None if shared else Path(tempfile.mkdtemp(prefix=f"armature-{spec.run_id}-{spec.attempt_id}-"))
+    try:
+        out = Path(spec.out_dir) if shared else _fill_workdir(workdir, spec, inputs)
+        yield from _run_trainer(spec, board, out, ship=not shared)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _fill_workdir(workdir: Path, spec: AttemptSpec, inputs: dict) -> Path:
+    """The trainer's folder on a node without the driver's files: its config points at local upstream copies."""
+    out = workdir / "out"
+    out.mkdir()
+    config = dict(spec.config)
+    for dir_field, ref in inputs["upstream"].items():
+        folder = workdir / "upstream" / dir_field
+        folder.mkdir(parents=True)
+        artifact = ray.get(ref)
+        if artifact is not None:        # else the trainer says which artifact.pt is missing
+            transfer.write_files(folder, [artifact])
+        config[dir_field] = str(folder)
+    transfer.write_files(out, ray.get(inputs["resume"]))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    return out
+
+
+def _run_trainer(spec: AttemptSpec, board, out: Path, ship: bool):
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     env = {**os.environ, **spec.env,
            "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids),
@@ -118,6 +155,7 @@ def _attempt_task(spec: AttemptSpec, board):
     yield {"kind": "state", "state": "running", "reason": None}
 
     metrics = JsonlTail(out / "metrics.jsonl")
+    checkpoint = _CheckpointWatch(out)
     stop_sent_at = None
     try:
         while True:
@@ -130,6 +168,8 @@ def _attempt_task(spec: AttemptSpec, board):
                 yield {"kind": "metrics", "rows": rows}
             if code is not None:
                 break
+            if ship and checkpoint.changed(min_interval=CHECKPOINT_SHIP_SECONDS):
+                yield {"kind": "files", "files": transfer.read_files(out, transfer.RESUME_FILES)}
             if stop_sent_at is None and ray.get(board.should_stop.remote(spec.attempt_id)):
                 os.killpg(child.pid, signal.SIGTERM)
                 stop_sent_at = time.time()
@@ -143,6 +183,8 @@ def _attempt_task(spec: AttemptSpec, board):
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
 
+    if ship:
+        yield {"kind": "files", "files": transfer.read_outputs(out)}
     end_step = metrics.last_step
     if code == 0:
         result = AttemptResult("succeeded", code, None, end_step)
@@ -157,6 +199,31 @@ def _attempt_task(spec: AttemptSpec, board):
     yield {"kind": "result", "result": result}
 
 
+class _CheckpointWatch:
+    """Whether checkpoints/last.pt changed since it was last sent (sent no more often than asked)."""
+
+    def __init__(self, out: Path):
+        self.path = out / "checkpoints" / "last.pt"
+        self.sent = self._stamp()           # a checkpoint the task was handed is on the driver already
+        self.sent_at = 0.0
+
+    def _stamp(self):
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def changed(self, min_interval: float) -> bool:
+        if time.time() - self.sent_at < min_interval:
+            return False
+        stamp = self._stamp()
+        if stamp is None or stamp == self.sent:
+            return False
+        self.sent, self.sent_at = stamp, time.time()
+        return True
+
+
 def _exit_reason(code: int) -> str:
     if code < 0:
         try:
@@ -165,6 +232,14 @@ def _exit_reason(code: int) -> str:
             name = "a signal"
         return f"trainer killed by {name} (signal {-code})"
     return f"trainer exited {code}"
+
+
+def _inputs(spec: AttemptSpec, out: Path) -> dict:
+    """What the attempt's task reads where the driver's files are not: Ray objects it fetches only there."""
+    upstream = {dir_field: ray.put(transfer.read_file(Path(folder), "", "artifact.pt"))
+                for dir_field, folder in spec.upstream_dirs.items()}
+    return {"mark": transfer.place_mark(out), "upstream": upstream,
+            "resume": ray.put(transfer.read_files(out, transfer.RESUME_FILES))}
 
 
 class LocalBackend:
@@ -206,8 +281,12 @@ class LocalBackend:
         return slots
 
     def run_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
+        out = Path(spec.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = {**spec.config, **spec.upstream_dirs}
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         task = self._task.options(num_cpus=spec.cpus, num_gpus=spec.gpus, num_returns="streaming")
-        stream = task.remote(spec, self._board)
+        stream = task.remote(spec, self._board, _inputs(spec, out))
         done = threading.Event()
         threading.Thread(target=self._forward_stop, args=(spec.attempt_id, stop, done), daemon=True).start()
         result = AttemptResult("lost", None, "the Ray task ended without a result")
@@ -217,18 +296,22 @@ class LocalBackend:
                 event = ray.get(ref)
                 if event["kind"] == "result":
                     result = event["result"]
-                elif unrecorded is None:
+                elif unrecorded is None or event["kind"] == "files":    # a stopped trainer's checkpoint too
                     try:
-                        emit(event)
+                        if event["kind"] == "files":
+                            transfer.write_files(out, event["files"])
+                        else:
+                            emit(event)
                     except Exception as exc:
                         # The attempt cannot go on unrecorded. Stop its trainer (it checkpoints) and wait for the
                         # task to end, so the arm run's next attempt never runs beside it in the same folder.
-                        unrecorded = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        unrecorded = unrecorded or f"{type(exc).__name__}: {str(exc)[:300]}"
                         ray.get(self._board.stop.remote(spec.attempt_id))
         except ray.exceptions.RayError as exc:
             result = AttemptResult("lost", None, f"Ray task lost: {type(exc).__name__}: {str(exc)[:300]}")
         finally:
             done.set()
+            (out / transfer.DRIVER_MARK).unlink(missing_ok=True)
         if unrecorded is not None:
             return AttemptResult("lost", result.exit_code, f"the orchestrator could not record an event of this "
                                  f"attempt ({unrecorded}); its trainer was stopped", result.end_step)
