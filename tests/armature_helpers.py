@@ -14,6 +14,10 @@ from orchestrator.paths import REPO_ROOT
 # A VQ-VAE small enough that an arm run takes a few seconds on one CPU core.
 TINY_VQVAE_BASE = ("{steps: 20, eval_every: 10, checkpoint_every: 10, log_every: 5, batch_size: 16, "
                    "data.num_train: 128, data.num_heldout: 32}")
+# A MaskGIT over that tokenizer, as the `base:` lines of a spec (two-space indent).
+TINY_MASKGIT_BASE = (f"  steps: 10\n  eval_every: 10\n  log_every: 5\n  batch_size: 16\n  eval_samples: 8\n"
+                     f"  num_inpaint: 8\n  model.dim: 32\n  data: {{num_train: 128, num_heldout: 32}}\n"
+                     f"  tokenizer: {TINY_VQVAE_BASE}\n")
 
 
 def tiny_spec(tmp_path: Path, body: str, name: str = "spec.yaml") -> Path:

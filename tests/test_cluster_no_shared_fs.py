@@ -20,8 +20,8 @@ import pytest
 
 from orchestrator.backends import transfer
 from orchestrator.paths import REPO_ROOT
-from tests.armature_helpers import (TINY_VQVAE_BASE, armature, ledger, metric_steps, start_armature, tiny_spec,
-                                    wait_for)
+from tests.armature_helpers import (TINY_MASKGIT_BASE, TINY_VQVAE_BASE, armature, ledger,
+                                    metric_steps, start_armature, tiny_spec, wait_for)
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -30,25 +30,17 @@ UPSTREAM_STUDY = f"""name: mg
 trainer: maskgit
 metric: {{name: heldout_masked_acc, mode: max}}
 base:
-  steps: 10
-  eval_every: 10
-  log_every: 5
-  batch_size: 16
-  eval_samples: 8
-  num_inpaint: 8
-  model.dim: 32
-  data: {{num_train: 128, num_heldout: 32}}
-  tokenizer: {TINY_VQVAE_BASE}
-arms:
+{TINY_MASKGIT_BASE}arms:
   - name: a
 resources: {{gpus: 0, cpus: 1}}
 """
 
 # one arm long enough to SIGKILL its trainer after a checkpoint came back
+LONG_STEPS = 600    # long enough that the trainer is still running when its first checkpoint is back
 LONG_ARM = f"""name: long
 trainer: vqvae
 metric: {{name: recon_mse, mode: min}}
-base: {TINY_VQVAE_BASE.replace("steps: 20,", "steps: 200,").replace("eval_every: 10", "eval_every: 100")}
+base: {TINY_VQVAE_BASE.replace("steps: 20,", f"steps: {LONG_STEPS},").replace("eval_every: 10", "eval_every: 100")}
 arms:
   - name: a
 resources: {{gpus: 0, cpus: 1}}
@@ -200,7 +192,7 @@ def test_a_retry_resumes_from_the_checkpoint_that_came_back(cluster, tmp_path):
     assert [a["state"] for a in db.attempts(arm_run["id"])] == ["lost", "succeeded"]
     resumed = re.search(r"resumed from \S+ at step (\d+)", (out / "log").read_text())
     assert resumed and int(resumed.group(1)) > 0, "the retry started from step 0"
-    assert metric_steps(out)[-1] == 200
+    assert metric_steps(out)[-1] == LONG_STEPS
 
 
 def test_files_sent_back_go_only_to_plain_names_inside_the_arm_run_folder(tmp_path):

@@ -6,8 +6,8 @@ import os
 import signal
 import time
 
-from tests.armature_helpers import (TINY_VQVAE_BASE, armature, ledger, metric_steps, start_armature, tiny_spec,
-                                    wait_for)
+from tests.armature_helpers import (TINY_MASKGIT_BASE, TINY_VQVAE_BASE, armature, ledger,
+                                    metric_steps, start_armature, tiny_spec, wait_for)
 
 TWO_ARMS = f"""name: tiny
 trainer: vqvae
@@ -237,16 +237,7 @@ def test_one_upstream_tokenizer_run_shared_by_several_arms(tmp_path):
 trainer: maskgit
 metric: {{name: heldout_masked_acc, mode: max}}
 base:
-  steps: 10
-  eval_every: 10
-  log_every: 5
-  batch_size: 16
-  eval_samples: 8
-  num_inpaint: 8
-  model.dim: 32
-  data: {{num_train: 128, num_heldout: 32}}
-  tokenizer: {TINY_VQVAE_BASE}
-arms:
+{TINY_MASKGIT_BASE}arms:
   - name: a
   - name: b
     set: {{decode_steps: 2}}

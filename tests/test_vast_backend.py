@@ -25,7 +25,8 @@ from infra.vastsim import Simulator
 from infra.vastsim.instances import find_sshd
 from orchestrator.backends.base import AttemptResult, AttemptSpec
 from orchestrator.backends.vast import VastBackend, VastConfig, make_client, provider
-from orchestrator.backends.vast.attempt import NUMPY_RNG_STATE, weights_only_refusal
+from orchestrator.backends.vast.attempt import weights_only_refusal
+from trainers.common import load_weights_only
 from orchestrator.backends.vast.ssh import load_or_create_keypair
 from orchestrator.cost.reconcile import _charge_lines, provider_instance_id
 from orchestrator.ledger import Ledger
@@ -217,10 +218,8 @@ def trainers_on(sim: Simulator, provider_id: int) -> list[int]:
 
 def checkpoint_step(path: Path) -> int:
     """The step of a pulled checkpoint, read the way the orchestrator accepts it (weights only)."""
-    import torch
     assert weights_only_refusal(path) is None
-    with torch.serialization.safe_globals(NUMPY_RNG_STATE):
-        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    return int(load_weights_only(path)["step"])
 
 
 # ---- the tests ------------------------------------------------------------------------------------

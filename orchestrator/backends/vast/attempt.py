@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.vast.deploy import DeployError, InstancePaths, detached
 from orchestrator.backends.vast.ssh import Connection, RefusedFile, Remote, RemoteEntry, SshError, plain_name
@@ -55,20 +53,14 @@ def replace_atomically(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-# What unpickling numpy's RNG state (np.random.get_state(): an array of uint32) needs beyond weights_only's
-# defaults; constructors of plain arrays, nothing that runs code.
-NUMPY_RNG_STATE = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def weights_only_refusal(path: Path) -> str | None:
-    """None when `torch.load(weights_only=True)` reads the file (NUMPY_RNG_STATE allowed), else why not.
-    A pulled .pt is unpickled later (a resumed attempt, an upstream artifact on other hosts): one that
-    needs arbitrary unpickling could run the sending host's code there, so it is not kept."""
-    import torch
+    """None when the trainers' own weights-only loader reads the file, else why not. A pulled .pt is
+    unpickled later (a resumed attempt, an upstream artifact on other hosts): one that needs arbitrary
+    unpickling could run the sending host's code there, so it is not kept."""
+    from trainers.common import load_weights_only    # lazy: torch is imported only when a .pt is pulled
 
     try:
-        with torch.serialization.safe_globals(NUMPY_RNG_STATE):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        load_weights_only(path)
     except Exception as exc:
         return f"{path.name} does not load with weights_only=True: {type(exc).__name__}: {str(exc)[:300]}"
     return None
