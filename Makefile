@@ -8,7 +8,7 @@ BACKEND ?=
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: ablation test bench cost-report monitor exporter reap cloud-sim system-deps venv clean
+.PHONY: ablation test bench cost-report monitor tensorboard exporter reap cloud-sim system-deps venv clean
 
 # torch is pinned to the CPU build on disk (an unpinned torch pulls GBs of CUDA packages);
 # on a GPU machine install a CUDA build of the same version into .venv first.
@@ -82,6 +82,15 @@ monitor:
 			"infra/prometheus/prometheus.yml yourself" >&2; \
 		exit 1; \
 	fi
+
+# Every curve of a run in TensorBoard (the driver writes them as metrics arrive): make tensorboard RUN=<run_id>
+# (TB_PORT changes the port; ARMATURE_HOME the folder that holds the runs, default runs/).
+TB_PORT ?= 6006
+tensorboard: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make tensorboard RUN=<run_id> (ids: armature status)" >&2; exit 2; }
+	@logdir="$${ARMATURE_HOME:-runs}/$(RUN)/tensorboard"; \
+	test -d "$$logdir" || { echo "no TensorBoard logs at $$logdir: is $(RUN) a run id (armature status)?" >&2; exit 2; }; \
+	exec $(VENV)/bin/tensorboard --logdir "$$logdir" --port $(TB_PORT)
 
 cloud-sim: $(STAMP) system-deps
 	$(PY) -m infra.vastsim --port 8765 --state-dir runs/vastsim

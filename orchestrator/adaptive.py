@@ -1,6 +1,7 @@
 """Adaptive replicates (`seeds: {min, max}`): when a round of seeds has ended, add one more seed to the arms
 whose verdict against the baseline is still open (and to the baseline, so every new seed is paired), until
-every verdict is decided, the arms reach `max` seeds, or the next round would cross the budget."""
+every verdict is decided, the arms reach `max` seeds, or the next round would cross the budget. Arms stopped
+early (orchestrator/early_stop.py) are out of the rounds: they get no further seed."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ class Round:
     arms: list[str] = field(default_factory=list)   # the arms that get it, baseline first
 
 
-def round_values(arm_runs: list[dict], metric: str) -> tuple[dict[str, dict[int, float]], dict[str, list[int]]]:
+def round_values(arm_runs: list[dict], metric: str, exclude: set[str] | frozenset = frozenset()
+                 ) -> tuple[dict[str, dict[int, float]], dict[str, list[int]]]:
     """From the ledger's arm runs: arm -> seed -> primary metric of its succeeded seeds (the summary, else the
-    last logged value), and arm -> the seeds planned for it."""
+    last logged value), and arm -> the seeds planned for it; the arms in `exclude` (stopped early) left out."""
     values: dict[str, dict[int, float]] = {}
     planned: dict[str, list[int]] = {}
     for row in arm_runs:
-        if row["kind"] != "arm":
+        if row["kind"] != "arm" or row["arm"] in exclude:
             continue
         planned.setdefault(row["arm"], []).append(row["seed"])
         values.setdefault(row["arm"], {})

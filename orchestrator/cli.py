@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import paths
+from orchestrator.backends.provision import BACKEND_NAMES, capabilities
 from orchestrator.errors import UserError, ledger_access_problem, ledger_error_message, os_error_message
 from orchestrator.ledger import (ACTIVE_STATES, FINAL_STATES, RUN_FINAL_STATES, IllegalTransition, Ledger,
                                  RunClaimed, orchestrator_alive)
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ablation", help="run every arm x seed of a spec")
     p.add_argument("arms", metavar="ARMS.yaml")
-    p.add_argument("--backend", choices=["local", "vast"], help="overrides the spec's backend")
+    p.add_argument("--backend", choices=BACKEND_NAMES, help="overrides the spec's backend")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the spec with a dotted key, e.g. --set base.steps=2000 --set seeds=3")
     p.add_argument("--run-id", help="name the run (default <study>-<date>-<time>)")
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=DEFAULT_ABLATION_METRICS_PORT,
                    help="Prometheus exporter of this run while it lasts (default: the first free of "
                         "9109-9112, which infra/prometheus/prometheus.yml scrapes; 0: any free port; -1: none)")
-    p.add_argument("--allow-dirty", action="store_true", help="vast: ship uncommitted changes as a patch")
+    p.add_argument("--allow-dirty", action="store_true", help="vast, ssh: ship uncommitted changes as a patch")
     p.set_defaults(func=cmd_ablation)
 
     p = sub.add_parser("validate", help="validate a spec and print the expanded plan")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="one run")
     p.add_argument("--since", help="runs created on or after this date (YYYY-MM-DD)")
     p.add_argument("--until", help="runs created before this date (YYYY-MM-DD)")
-    p.add_argument("--backend", choices=["local", "vast"])
+    p.add_argument("--backend", choices=BACKEND_NAMES)
     p.add_argument("--format", choices=["table", "csv", "json", "markdown"], default="table")
     p.add_argument("--detail", action="store_true", help="one line per attempt and overhead")
     p.set_defaults(func=cmd_cost)
@@ -220,13 +221,14 @@ def cmd_ablation(args) -> int:
     backend.start()
     try:
         gpus = _arm_gpus(backend, plan.study)
+        _check_fits(backend, plan.study, gpus, console)
         create_run(ledger, plan, run_id, run_dir, backend_name, code_version(), gpus)
         estimate_event(ledger, run_id, plan, gpus)
         console.print(f"run [bold]{run_id}[/bold]  ({run_dir})")
         state = _execute(ledger, run_id, plan.study, backend, run_dir, args, console)
     finally:
         backend.shutdown()
-    return _conclude(ledger, run_id, run_dir, state, backend, console)
+    return _exit_past_a_dead_ray(backend, _conclude(ledger, run_id, run_dir, state, backend, console))
 
 
 def cmd_resume(args) -> int:
@@ -257,7 +259,7 @@ def cmd_resume(args) -> int:
         state = _execute(ledger, args.run_id, study, backend, run_dir, args, console, adopt=adopt)
     finally:
         backend.shutdown()
-    return _conclude(ledger, args.run_id, run_dir, state, backend, console)
+    return _exit_past_a_dead_ray(backend, _conclude(ledger, args.run_id, run_dir, state, backend, console))
 
 
 def _code_change_event(run: dict, allow_code_change: bool) -> dict | None:
@@ -283,6 +285,10 @@ def _make_backend(name: str, study, ledger: Ledger, run_id: str, run_dir: Path, 
         from orchestrator.backends.vast.config import VastConfig
         return VastBackend(ledger, run_id, run_dir, VastConfig.model_validate(study.vast),
                            study.budget.max_dollars, allow_dirty=args.allow_dirty)
+    if name == "ssh":
+        from orchestrator.backends.ssh.backend import SshBackend
+        from orchestrator.backends.ssh.config import SshConfig
+        return SshBackend(ledger, run_id, run_dir, SshConfig.model_validate(study.ssh), allow_dirty=args.allow_dirty)
     from orchestrator.backends.local import LocalBackend
     return LocalBackend(ray_address=args.ray_address or study.ray_address)
 
@@ -293,13 +299,27 @@ def _arm_gpus(backend, study) -> float:
     from orchestrator.telemetry.gpu import local_gpus
 
     wanted = study.resources.gpus
-    if backend.name != "local":
+    if not capabilities(backend.name).runs_here:
         return wanted
     if backend.resources().get("GPU", 0) == 0:
         return 0.0
     gpus = local_gpus()
     card = gpus.memory_total_bytes(0) if gpus.available else None
     return gpu_share(wanted, study.resources.gpu_memory_gb, card / 1e9 if card else None)
+
+
+def _check_fits(backend, study, gpus: float, console: Console) -> None:
+    """Refuse a study whose arm runs no node can hold, before anything is written; on a cluster the user
+    named (which may grow), say what the arms wait for instead."""
+    never_fits = getattr(backend, "never_fits", None)
+    why = never_fits(study.resources.cpus, gpus) if never_fits else None
+    if why is None:
+        return
+    if getattr(backend, "ray_address", None):
+        console.print(f"[yellow]{why}: the arm runs wait until such a node joins the cluster[/yellow]")
+        return
+    raise UserError(f"{why}. Lower `resources.cpus`/`resources.gpus` in the spec (or --set resources.cpus=N), "
+                    f"or run on a cluster with larger nodes (--ray-address)")
 
 
 def _execute(ledger: Ledger, run_id: str, study, backend, run_dir: Path, args, console: Console,
@@ -343,7 +363,7 @@ def _conclude(ledger: Ledger, run_id: str, run_dir: Path, state: str, backend, c
     """After the backend has shut down (instances destroyed): billed charges, the report, the exit code."""
     from orchestrator.report import write_report
 
-    if backend.name == "vast":
+    if capabilities(backend.name).bills:
         import requests
         from orchestrator.cost import fetch_provider_charges
         try:
@@ -357,10 +377,25 @@ def _conclude(ledger: Ledger, run_id: str, run_dir: Path, state: str, backend, c
         return 1
     console.print(f"run {run_id}: {state}; results in {run_dir / 'results.md'}")
     if state == "interrupted":
+        if getattr(backend, "down", None):
+            console.print(f"[red]{backend.down}[/red]: no arm used up a retry")
         console.print(f"continue with: armature resume {run_id}")
         return 130
-    unfinished = [r for r in ledger.arm_runs(run_id) if r["state"] in ("failed", "cancelled")]
+    from orchestrator.early_stop import stopped_arms
+    decided = stopped_arms(ledger, run_id)       # arms stopped early on purpose (early_stop decided/halving)
+    unfinished = [r for r in ledger.arm_runs(run_id) if r["state"] in ("failed", "cancelled")
+                  and not (r["state"] == "cancelled" and r["arm"] in decided)]
     return 1 if unfinished and state == "finished" else 0
+
+
+def _exit_past_a_dead_ray(backend, code: int) -> int:
+    """After the run's Ray died under it, Ray's own teardown at interpreter exit can crash (SIGSEGV in its core
+    worker, seen once in a few runs). Everything is recorded by now, so leave without that teardown."""
+    if getattr(backend, "down", None):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _start_exporter(port: int, run_id: str, console: Console, gpu_reader):
@@ -485,7 +520,7 @@ def cmd_cancel(args) -> int:
         if arm_run["state"] not in FINAL_STATES:
             ledger.transition(arm_run["id"], "cancelled", "run cancelled")
     ledger.set_run_state(args.run_id, "cancelled")
-    if run["backend"] == "vast":
+    if capabilities(run["backend"]).rents_instances:
         _teardown_instances(ledger, args.run_id, args.server_url)
     print(f"run {args.run_id}: cancelled")
     return 0

@@ -248,7 +248,12 @@ CREATE INDEX IF NOT EXISTS instances_by_run ON instances(run_id);
 
 # Columns added to a schema version after ledgers of that version existed; added in place (older armatures
 # name their columns, so they keep working on the upgraded file).
-ADDED_COLUMNS = (("runs", "orchestrator_start_time", "TEXT"), ("runs", "final_state", "TEXT"))
+ADDED_COLUMNS = (("runs", "orchestrator_start_time", "TEXT"), ("runs", "final_state", "TEXT"),
+                 # the bill's inputs (cost/reconcile.py): the latest stop / exit the provider reported (each
+                 # move is also an `instance.status` event), the disk and its $/GB/month, a bid rental
+                 ("instances", "stopped_at", "REAL"), ("instances", "exited_at", "REAL"),
+                 ("instances", "disk_gb", "REAL"), ("instances", "storage_cost", "REAL"),
+                 ("instances", "interruptible", "INTEGER"))
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict:

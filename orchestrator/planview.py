@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.backends.provision import capabilities
 from orchestrator.cost.estimate import Estimate, estimate_study, local_dollars_per_hour, record_estimate
 from orchestrator.ledger import Ledger
 from orchestrator.spec import Plan, PlannedUpstream, flatten
@@ -39,8 +40,8 @@ def estimate(plan: Plan, gpus: float, n_arm_runs: int | None = None) -> Estimate
     n_arm_runs = len(plan.arm_runs) if n_arm_runs is None else n_arm_runs
     if hours is None:
         return None
-    if study.backend == "vast":
-        price = study.vast.get("max_dollars_per_hour")
+    if capabilities(study.backend).bills:          # priced at the provider's cap; else energy at home
+        price = getattr(study, study.backend).get("max_dollars_per_hour")
         if price is None:
             return None
         return estimate_study(n_arm_runs, hours, float(price), gpus)

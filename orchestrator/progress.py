@@ -104,6 +104,10 @@ class Progress:
                 if not self.interactive:
                     self._print_change(line)
 
+    def note(self, text: str) -> None:
+        """A line about the whole run (above the live view on a terminal)."""
+        self._say(text)
+
     # ---- text for logs -------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:

@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+from orchestrator.backends.provision import capabilities
 from orchestrator.errors import UserError
 from orchestrator.ledger import ACTIVE_STATES, Ledger, orchestrator_alive  # noqa: F401 (used by reap)
 from orchestrator.procs import same_process_alive
@@ -129,7 +130,7 @@ def settle_orphans(ledger: Ledger, run_id: str) -> dict[int, dict]:
     """
     adopt = {}
     for attempt in ledger.open_attempts(run_id):
-        if attempt["backend"] != "local":
+        if not capabilities(attempt["backend"]).runs_here:     # on a remote host: the backend adopts it
             adopt[attempt["arm_run_id"]] = attempt
             continue
         reason = ("the orchestrator died; its trainer was stopped with SIGTERM (checkpointed)"

@@ -16,7 +16,9 @@ Stopping an attempt early always goes through its `stop` event with a reason:
   cancel     `armature cancel`: the arm run ends cancelled
   pause      a PAUSE file: back to pending until the file is removed
   watchdog   a health breach: pending again after a cool-down, at most max_restarts times
-  early_stop an early-stop rule fired: the arm run ends cancelled, with the rule as reason
+  early_stop an early-stop rule fired: the arm run ends cancelled, with the rule as reason. A bound rule stops
+             one arm run; `decided` and `halving` (orchestrator/early_stop.py) stop every run of an arm, at a look
+             taken in the main loop, and a resumed run cancels the pending runs of arms stopped before
 None of these uses up `max_attempts`: only attempts that end failed, lost or preempted do. The watchdog's
 cool-down waits on the GPUs of the host the stopped attempt ran on, as the ledger last recorded them.
 """
@@ -33,9 +35,13 @@ from pathlib import Path
 
 from orchestrator.adaptive import Round, next_round, over_budget, round_values
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Backend
+from orchestrator.backends.provision import capabilities
+from orchestrator.cost.energy import RaplMeter
+from orchestrator.early_stop import EarlyStopper
 from orchestrator.ledger import FINAL_STATES, Ledger
 from orchestrator.runs import add_replicate, stop_local_trainer
 from orchestrator.spec import Study
+from orchestrator.tensorboard import TensorBoardLog, changed_keys
 from orchestrator.telemetry.gpu import GpuSample, LocalGpus, SmiGpus, host_memory_ratio
 from orchestrator.telemetry.watchdog import Watchdog, pause_requested
 
@@ -68,11 +74,14 @@ class Scheduler:
         self.run_id = run_id
         self.study = study
         self.backend = backend
+        self.runs_here = capabilities(backend.name).runs_here     # trainers are this machine's processes
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.local_gpus = local_gpus
         self.max_concurrent = max_concurrent
         self.watchdog = Watchdog(study.watchdog)
+        self.tensorboard = TensorBoardLog(self.run_dir, changed_keys(study))   # runs/<id>/tensorboard
+        self.cpu_energy = RaplMeter()                     # CPU attempts' energy where the host exposes RAPL
         self.host = local_gpus.host if local_gpus is not None else socket.gethostname()    # the local samples' host
         self.running: dict[int, Running] = {}            # arm_run_id -> attempt in flight
         self.results: queue.Queue = queue.Queue()
@@ -84,6 +93,8 @@ class Scheduler:
         self.cancelled = False
         self._last_watchdog = 0.0
         self._seeds_settled = not study.adaptive          # adaptive seeds: no further round will be added
+        self.early_stopper = EarlyStopper.for_run(ledger, run_id, study.early_stop, study.metric.name,
+                                                  study.metric.mode, study.baseline)
 
     # ---- the loop ---------------------------------------------------------------
 
@@ -94,6 +105,7 @@ class Scheduler:
     def run(self) -> str:
         self.ledger.set_run_state(self.run_id, "running", claim=True)
         while True:
+            self._check_backend_alive()
             if self.interrupted:
                 self._stop_all("interrupt")
             elif not self.cancelled and self.ledger.cancel_requested(self.run_id):
@@ -107,6 +119,8 @@ class Scheduler:
             arm_runs = self.ledger.arm_runs(self.run_id)
             if not (self.interrupted or self.cancelled):
                 self._fail_orphans_of_failed_upstreams(arm_runs)
+                if self._stop_decided_arms(arm_runs):
+                    arm_runs = self.ledger.arm_runs(self.run_id)
                 self._launch_ready(arm_runs)
             unfinished = any(r["state"] not in FINAL_STATES for r in arm_runs)   # at worst a tick stale
             stopping = self.interrupted or self.cancelled
@@ -117,6 +131,20 @@ class Scheduler:
             self._wake.wait(TICK_SECONDS)
             self._wake.clear()
         return self._finish()
+
+    def _backend_down(self) -> str | None:
+        """Why the backend's machinery (a local Ray) is gone, once it is."""
+        return getattr(self.backend, "down", None)
+
+    def _check_backend_alive(self) -> None:
+        """A dead Ray stops the run as interrupted: its attempts were not the arms' fault, so none uses up a
+        retry, and `armature resume` continues from the checkpoints."""
+        down = self._backend_down()
+        if down and not self.interrupted:
+            self.interrupted = True
+            self.ledger.event(self.run_id, "backend.down", reason=down)
+            if self.progress is not None:
+                self.progress.note(f"{down}: stopping; `armature resume {self.run_id}` continues the run")
 
     def _finish(self) -> str:
         if self.cancelled:
@@ -131,6 +159,7 @@ class Scheduler:
             states = {r["state"] for r in self.ledger.arm_runs(self.run_id)}
             state = "finished" if states <= set(FINAL_STATES) else "interrupted"
         self.ledger.set_run_state(self.run_id, state)
+        self.tensorboard.close()
         return state
 
     def _add_seed_round(self, arm_runs: list[dict]) -> bool:
@@ -138,7 +167,8 @@ class Scheduler:
         Returns whether arm runs were added."""
         if self._seeds_settled:
             return False
-        values, planned = round_values(arm_runs, self.study.metric.name)
+        stopped = set(self.early_stopper.stopped) if self.early_stopper is not None else set()
+        values, planned = round_values(arm_runs, self.study.metric.name, exclude=stopped)
         step = next_round(values, planned, self.study.baseline, self.study.metric.mode, self.study.max_seeds)
         if self.study.budget.max_dollars is not None:
             from orchestrator.cost.model import current_spend
@@ -195,7 +225,7 @@ class Scheduler:
             attempt_id = self.ledger.start_attempt(arm_run["id"], backend=self.backend.name)
         self.not_before.pop(arm_run["id"], None)
         self.cool_host.pop(arm_run["id"], None)
-        if self.backend.name != "local":     # a local attempt reports `running` once Ray has started it
+        if not self.runs_here:     # a local attempt reports `running` once Ray has started it
             self.ledger.transition(arm_run["id"], "provisioning", None, attempt_id)
             self._show(arm_run["id"], state="provisioning")
         running = Running(arm_run, attempt_id)
@@ -217,7 +247,7 @@ class Scheduler:
             result = self.backend.run_attempt(spec, lambda event: self._on_event(running, event), running.stop)
         except Exception as exc:  # a backend bug must not take the run down with it
             result = AttemptResult("lost", None, f"{type(exc).__name__}: {exc}")
-            if self.backend.name == "local":    # nor leave its trainer running beside the next attempt's
+            if self.runs_here:    # nor leave its trainer running beside the next attempt's
                 if stop_local_trainer(self._attempt_row(spec.arm_run_id, spec.attempt_id)):
                     result.reason += "; its trainer was stopped with SIGTERM (checkpointed)"
         self.results.put((running, result))
@@ -230,6 +260,7 @@ class Scheduler:
         kind = event["kind"]
         if kind == "metrics":
             self.ledger.record_metrics(arm_run_id, running.attempt_id, event["rows"])
+            self.tensorboard.metrics(running.arm_run, event["rows"])
             self._show(arm_run_id, rows=event["rows"])
             self._check_early_stop(running, event["rows"])
         elif kind == "state":
@@ -246,15 +277,38 @@ class Scheduler:
         elif kind == "health":
             samples = event["samples"]
             self.ledger.record_health(samples, self.run_id, running.arm_run["arm"])
-            breach = self.watchdog.check([GpuSample.from_dict(s) for s in samples], None)
+            breach = self.watchdog.check([GpuSample.from_dict(s) for s in samples], event.get("host_memory_ratio"),
+                                         host=event.get("host", ""))
             if breach:
                 self._watchdog_stop(running, breach.message)
+        elif kind == "energy":        # read where the attempt ran (another host than this one)
+            self.ledger.update_attempt(running.attempt_id, energy_joules=event["joules"])
         elif kind == "event":
             detail = {k: v for k, v in event.items() if k not in ("kind", "event")}
             self.ledger.event(self.run_id, event["event"], arm_run_id, **detail)
 
+    def _stop_decided_arms(self, arm_runs: list[dict]) -> bool:
+        """Take the early-stop looks and rungs the arms have reached; stop every unfinished run of an arm stopped
+        now or before (a resumed run included). Returns whether a pending arm run was cancelled."""
+        if self.early_stopper is None:
+            return False
+        self.early_stopper.check(arm_runs)
+        cancelled = False
+        for arm_run in arm_runs:
+            reason = self.early_stopper.stopped.get(arm_run["arm"])
+            if reason is None or arm_run["kind"] != "arm" or arm_run["state"] in FINAL_STATES:
+                continue
+            running = self.running.get(arm_run["id"])
+            if running is not None:
+                running.request_stop("early_stop", reason)
+            elif arm_run["state"] == "pending" and arm_run["id"] not in self.adopt:   # adopted: launched, then stopped
+                self.ledger.transition(arm_run["id"], "cancelled", reason)
+                self._show(arm_run["id"], state="cancelled", reason=reason)
+                cancelled = True
+        return cancelled
+
     def _check_early_stop(self, running: Running, rows: list[dict]) -> None:
-        for rule in self.study.early_stop:
+        for rule in self.study.early_stop.rules:
             for row in rows:
                 value = row.get(rule.metric)
                 if value is None or row["step"] < rule.after_step:
@@ -282,6 +336,12 @@ class Scheduler:
         energy = self._energy(running)
         if energy is not None and running.energy_start is not None:
             self.ledger.update_attempt(running.attempt_id, energy_joules=energy - running.energy_start)
+        down = self._backend_down()
+        if down and result.outcome in ("lost", "interrupted") and running.stop_reason in (None, "interrupt"):
+            running.stop_reason, running.stop_detail = "interrupt", down
+            result.outcome = "interrupted"
+            if result.end_step is None:         # the task's own report died with Ray: the ledger's last step
+                result.end_step = self.ledger.arm_run(arm_run_id)["last_step"]
         reason = running.stop_detail or result.reason
         attempt_state = result.outcome
         if result.outcome == "interrupted" and running.stop_reason:
@@ -290,12 +350,14 @@ class Scheduler:
                                 reason=reason, end_step=result.end_step)
 
         state, why = self._next_state(running, result)
+        summary = None
         if state == "succeeded":
             self.ledger.transition(arm_run_id, "collecting", None, running.attempt_id)
             summary = _read_summary(Path(running.arm_run["out_dir"]))
             if summary:
                 self.ledger.set_summary(arm_run_id, summary)
         self.ledger.transition(arm_run_id, state, why, running.attempt_id)
+        self.tensorboard.ended(running.arm_run, state, summary, result.end_step)
         self._show(arm_run_id, state=state, reason=why)
 
     def _next_state(self, running: Running, result: AttemptResult) -> tuple[str, str | None]:
@@ -311,7 +373,8 @@ class Scheduler:
             return "cancelled", running.stop_detail
         if stop == "interrupt":
             where = "before its first step" if result.end_step is None else f"at step {result.end_step}"
-            return "pending", f"interrupted {where}; `armature resume {self.run_id}` continues"
+            cause = f"{running.stop_detail}: " if running.stop_detail else ""
+            return "pending", f"{cause}interrupted {where}; `armature resume {self.run_id}` continues"
         if stop == "pause":
             return "pending", "paused (PAUSE file)"
         if stop == "watchdog":
@@ -372,7 +435,7 @@ class Scheduler:
         return self.watchdog.cooled(samples)
 
     def _check_watchdog(self) -> None:
-        if not self.study.watchdog.enabled or self.backend.name != "local":
+        if not self.study.watchdog.enabled or not self.runs_here:
             return
         now = time.time()
         if now - self._last_watchdog < self.study.watchdog.poll_seconds:
@@ -397,9 +460,13 @@ class Scheduler:
         running.request_stop("watchdog", f"watchdog: {message}")
 
     def _energy(self, running: Running) -> float | None:
-        """The NVML energy counter (joules) of the GPUs a local attempt uses, if readable."""
-        if not running.gpu_index or self.backend.name != "local":
+        """The energy counter (joules) of what a local attempt uses, if readable: NVML for its GPUs; for a CPU
+        attempt on this machine, its share of the CPU packages' RAPL counters (orchestrator/cost/energy.py).
+        An attempt on another host (a node of a Ray cluster) reports its own in an "energy" event."""
+        if not self.runs_here or running.host not in (None, socket.gethostname()):
             return None
+        if not running.gpu_index:
+            return self.cpu_energy.attributed_joules(running.arm_run["cpus"])
         readings = {s.gpu: s.energy_joules for s in self._local_samples()}
         values = [readings.get(index) for index in running.gpu_index.split(",")]
         return sum(values) if values and all(v is not None for v in values) else None

@@ -12,6 +12,8 @@
                                         # or {min: 3, max: 8}: more seeds only where a verdict is open
     metric: {name: heldout_masked_acc, mode: max}
     baseline: baseline
+    early_stop: {decided: true}         # optional: stop arms shown worse at an interim look; or
+                                        # {halving: {grace_steps, reduction_factor}} (EarlyStopping below)
 
 Keys in `base` and `set` are dotted paths into the trainer's Config (nested
 maps work too) and are deep-merged: base, then the arm, then its grid point.
@@ -39,6 +41,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.backends.provision import PROVIDER_SECTIONS, section_model
 from orchestrator.errors import SpecError
 from orchestrator.telemetry.watchdog import WatchdogConfig
 from orchestrator.trainer_registry import TrainerInfo, load_trainer
@@ -82,8 +85,9 @@ class Resources(BaseModel):
 
 
 class Budget(BaseModel):
-    """Money: enforced for rented instances, reported for local runs (local energy is priced by
-    ARMATURE_DOLLARS_PER_KWH, default 0.30, and ARMATURE_HARDWARE_DOLLARS_PER_GPU_HOUR, default 0)."""
+    """Money: enforced for rented instances, reported for local runs (measured local energy is priced by
+    ARMATURE_DOLLARS_PER_KWH, default 0.30, and ARMATURE_HARDWARE_DOLLARS_PER_GPU_HOUR, default 0; a local
+    attempt without an energy reading by ARMATURE_MACHINE_DOLLARS_PER_HOUR, default 0.10, see orchestrator/cost)."""
     model_config = ConfigDict(extra="forbid")
     max_dollars: float | None = Field(None, gt=0, description="no launch may cross it; reaching it stops the run")
     expected_hours_per_arm: float | None = Field(None, gt=0, description="for the cost estimate before a run")
@@ -102,6 +106,38 @@ class EarlyStop(BaseModel):
         if self.above is None and self.below is None:
             raise ValueError("give `above` or `below`")
         return self
+
+
+class Halving(BaseModel):
+    """Successive halving (as in ASHA): at grace_steps x reduction_factor^k steps keep the best
+    1/reduction_factor of the arms (the baseline always goes on); see orchestrator/early_stop.py."""
+    model_config = ConfigDict(extra="forbid")
+    grace_steps: int = Field(ge=1, description="the first rung: every arm trains at least this many steps")
+    reduction_factor: int = Field(2, ge=2, description="keep the best 1/reduction_factor of the arms at each rung")
+
+
+class EarlyStopping(BaseModel):
+    """`early_stop:` either a list of bound rules (EarlyStop), or this mapping:
+
+        early_stop:
+          decided: true            # stop an arm shown worse than the baseline at an interim look
+          looks: 4                 # at most this many interim looks (evaluation steps all arms share)
+          after_step: 100          # no look before this step
+          boundary: bonferroni     # or obrien-fleming: how the study's alpha is spent over the looks
+          halving: {grace_steps: 100, reduction_factor: 2}   # successive halving, for grid searches
+          rules: [{metric: loss, above: 10}]                 # bound rules, as in the list form
+
+    The statistics (paired t-test at the look's step, Holm over arms, alpha spent over the planned looks) and
+    the halving rule are described in orchestrator/early_stop.py. Stopped arms are reported apart, never in
+    the final verdicts."""
+    model_config = ConfigDict(extra="forbid")
+    decided: bool = Field(False, description="stop arms decided worse than the baseline at an interim look")
+    looks: int = Field(4, ge=1, description="at most this many interim looks for `decided`")
+    after_step: int = Field(1, ge=1, description="no interim look before this step")
+    boundary: Literal["bonferroni", "obrien-fleming"] = Field(
+        "bonferroni", description="alpha per look: split equally, or O'Brien-Fleming-type spending")
+    halving: Halving | None = Field(None, description="successive halving: {grace_steps, reduction_factor}")
+    rules: list[EarlyStop] = Field(default_factory=list, description="stop an arm run whose metric crosses a bound")
 
 
 class AdaptiveSeeds(BaseModel):
@@ -131,15 +167,26 @@ class Study(BaseModel):
     metric: Metric
     baseline: str | None = Field(None, description="the arm the others are compared with")
     resources: Resources = Field(default_factory=Resources)
-    backend: Literal["local", "vast"] = "local"
+    backend: Literal["local", "vast", "ssh"] = "local"
     ray_address: str | None = Field(None, description="an existing Ray cluster (else RAY_ADDRESS, else a local Ray)")
     budget: Budget = Field(default_factory=Budget)
-    early_stop: list[EarlyStop] = Field(default_factory=list)
+    early_stop: EarlyStopping = Field(
+        default_factory=EarlyStopping,
+        description="a list of bound rules, or {decided, looks, after_step, boundary, halving, rules}")
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     max_attempts: int = Field(4, ge=1, description="attempts per arm run when instances are preempted or lost")
     vast: dict[str, Any] = Field(default_factory=dict,
                                  description="offer query and instance settings for backend vast "
                                              "(orchestrator/backends/vast/config.py)")
+    ssh: dict[str, Any] = Field(default_factory=dict,
+                                description="your own machines for backend ssh: hosts [{name, address, port, user, "
+                                            "identity_file, gpus, python}] (orchestrator/backends/ssh/config.py)")
+
+    @field_validator("early_stop", mode="before")
+    @classmethod
+    def _rules_list(cls, value: Any) -> Any:
+        """The list form is the bound rules alone."""
+        return {"rules": value} if isinstance(value, list) else value
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -293,7 +340,7 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
 
 
 TOP_LEVEL_SET = {"name", "trainer", "description", "seeds", "baseline", "backend", "ray_address", "max_attempts"}
-SECTION_SET = {"metric", "resources", "budget", "watchdog", "vast"}
+SECTION_SET = {"metric", "resources", "budget", "watchdog", "vast", "ssh", "early_stop"}
 
 
 def _apply_sets(raw: dict, sets: dict[str, Any]) -> dict[str, Any]:
@@ -353,8 +400,9 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
     where = _Where(path, lines)
     trainer = load_trainer(study.trainer, where=f"{where.at(('trainer',))}: trainer")
     _check_metric(study.metric, trainer, where)
-    if study.backend == "vast" or study.vast:
-        _check_vast_section(study, where)
+    for section in PROVIDER_SECTIONS:
+        if study.backend == section or getattr(study, section):
+            _check_provider_section(study, section, where)
 
     # (arm name, flat overrides, where each key came from)
     base_flat = {**flatten(study.base), **base_sets}
@@ -417,6 +465,11 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
             raise SpecError(f"{path}: arms {by_hash[digest]!r} and {variant.name!r} resolve to the identical config; "
                             f"one of them would measure nothing new")
         by_hash[digest] = variant.name
+
+    from orchestrator.early_stop import plan_problem
+    problem = plan_problem(study.early_stop, {v.name: v.config for v in variants}, study.baseline)
+    if problem:
+        raise SpecError(f"{where.at(('early_stop',) + problem[0])}: early_stop.{problem[0][0]}: {problem[1]}")
 
     shared = _study_upstreams(variants, study.baseline)
     planned: dict[str, PlannedUpstream] = {}
@@ -647,13 +700,12 @@ def _validate_config(trainer: TrainerInfo, arm: str, flat: dict[str, Any], sourc
     return config.model_dump(mode="json")
 
 
-def _check_vast_section(study: Study, where: _Where) -> None:
-    from orchestrator.backends.vast.config import VastConfig   # validated here so errors come before any run
-
+def _check_provider_section(study: Study, section: str, where: _Where) -> None:
+    """A provider's section (`vast:`, `ssh:`), validated here so errors come before any run."""
     try:
-        VastConfig.model_validate(study.vast)
+        section_model(section).model_validate(getattr(study, section))
     except ValidationError as exc:
-        raise SpecError(_format_validation(where.path, where.lines, exc, prefix=("vast",))) from None
+        raise SpecError(_format_validation(where.path, where.lines, exc, prefix=(section,))) from None
 
 
 def spec_yaml(plan: Plan, git: dict) -> str:
@@ -663,9 +715,8 @@ def spec_yaml(plan: Plan, git: dict) -> str:
 
 
 def json_schema() -> dict:
-    from orchestrator.backends.vast.config import VastConfig
-
     schema = Study.model_json_schema()
-    schema["properties"]["vast"] = {**VastConfig.model_json_schema(),
-                                    "description": schema["properties"]["vast"]["description"]}
+    for section in PROVIDER_SECTIONS:
+        schema["properties"][section] = {**section_model(section).model_json_schema(),
+                                         "description": schema["properties"][section]["description"]}
     return schema

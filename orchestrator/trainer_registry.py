@@ -29,6 +29,7 @@ class TrainerInfo:
     metrics: dict[str, str]           # summary metric -> "min" | "max"
     upstream: dict[str, Upstream]     # config field -> its upstream trainer
     seed_randomises: list[str] = field(default_factory=list)   # what a replicate's seed changes (SEED_RANDOMISES)
+    samples_image: str = "samples"    # the grid the report shows: samples/<name>.png and <name>_stepNNNNNN.png
 
 
 def available_trainers() -> list[str]:
@@ -51,4 +52,4 @@ def load_trainer(name: str, where: str = "trainer") -> TrainerInfo:
     upstream = {field: Upstream(link["trainer"], link["dir_field"], link.get("scope", "arm"))
                 for field, link in getattr(module, "UPSTREAM", {}).items()}
     return TrainerInfo(name, module, module.Config, dict(module.METRICS), upstream,
-                       list(getattr(module, "SEED_RANDOMISES", [])))
+                       list(getattr(module, "SEED_RANDOMISES", [])), getattr(module, "SAMPLES_IMAGE", "samples"))

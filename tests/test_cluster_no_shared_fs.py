@@ -1,10 +1,15 @@
-"""A real Ray cluster whose worker node does not see the driver's files: every output comes back through Ray.
+"""A real Ray cluster whose worker nodes do not see the driver's files: code goes out and every output comes
+back through Ray.
 
-The head node (no CPUs, so no attempt runs there) is started by the test; the worker node runs in its own
-mount namespace with an empty tmpfs over ARMATURE_HOME, so the driver's run folder does not exist there.
-Both are stopped by process group at the end (never `ray stop`, which would stop every Ray here).
+The head node (no CPUs, so no attempt runs there) is started by the test, then two worker nodes one after the
+other (two `ray start` at once race for ports). Each worker runs in its own mount and UTS namespace: its own
+host name, an empty tmpfs over ARMATURE_HOME (the driver's run folder does not exist there) and another over
+the checkout (the code must come as the job's runtime_env; the worker's Python is the same virtualenv, bind-
+mounted at another path). Every node is stopped by process group at the end (never `ray stop`, which would stop
+every Ray here).
 """
 
+import csv
 import json
 import os
 import re
@@ -17,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.backends import transfer
 from orchestrator.paths import REPO_ROOT
@@ -24,6 +30,10 @@ from tests.armature_helpers import (TINY_MASKGIT_BASE, TINY_VQVAE_BASE, armature
                                     metric_steps, start_armature, tiny_spec, wait_for)
 
 RAY = str(Path(sys.executable).parent / "ray")
+WORKERS = ("armature-worker-a", "armature-worker-b")        # host names, one per worker node
+# a raylet killed with -9 is declared dead by the head after about 3 s instead of 15
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                   "RAY_health_check_failure_threshold": "3"}
 
 # a tokenizer (vqvae) and a judge upstream of a maskgit arm: their artifacts must reach the worker
 UPSTREAM_STUDY = f"""name: mg
@@ -86,9 +96,39 @@ def _alive_nodes(address: str, env: dict) -> int:
     return int(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 and probe.stdout.strip() else 0
 
 
+class Cluster:
+    def __init__(self, home: Path, address: str):
+        self.home, self.address = home, address
+        self.workers: dict[str, subprocess.Popen] = {}         # host name -> its `ray start --block`
+
+    def raylet_pid(self, host: str) -> int:
+        """The raylet of a worker node the test started, found among that node's processes in /proc."""
+        children: dict[int, list[int]] = {}
+        for entry in Path("/proc").iterdir():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+        todo = [self.workers[host].pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                if (Path("/proc") / str(pid) / "comm").read_text().strip() == "raylet":
+                    return pid
+            except OSError:
+                pass
+            todo += children.get(pid, [])
+        raise AssertionError(f"no raylet among the processes of the worker node {host}")
+
+
+def _started(log: Path) -> bool:
+    return log.exists() and "Ray runtime started" in log.read_text()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """(ARMATURE_HOME, Ray address): a head node without CPUs and a worker node that sees an empty home."""
+    """A head node without CPUs and two worker nodes with a CPU each that see neither the home nor the code."""
     base = tmp_path_factory.mktemp("nofs")
     home = base / "home"
     home.mkdir()
@@ -99,27 +139,36 @@ def cluster(tmp_path_factory):
         pytest.skip(why_not)
 
     temp_dir = tempfile.mkdtemp(prefix="rayfs", dir="/tmp")    # short: Ray's socket paths must fit 107 bytes
+    venv = Path(temp_dir, "venv")               # where a worker node sees this virtualenv (not in the checkout)
+    venv.mkdir()
     port = _free_port()
-    address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(REPO_ROOT)}
+    cluster = Cluster(home, f"127.0.0.1:{port}")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO_ROOT)}
     env.pop("RAY_ADDRESS", None)
+    worker_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
     nodes = []
     try:
         nodes.append(subprocess.Popen(
             [RAY, "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
              "--num-cpus", "0", "--include-dashboard", "false", "--temp-dir", temp_dir, "--disable-usage-stats"],
-            cwd=REPO_ROOT, env=env, stdout=open(base / "head.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True))
-        wait_for(lambda: _alive_nodes(address, env) == 1, 60, "the head node")
-        worker = (f"mount -t tmpfs tmpfs '{home}' && exec '{RAY}' start --block --address {address} "
-                  f"--node-ip-address 127.0.0.1 --num-cpus 2 --disable-usage-stats")
-        nodes.append(subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", worker],
-            cwd=REPO_ROOT, env=env, stdout=open(base / "worker.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True))
-        wait_for(lambda: _alive_nodes(address, env) == 2, 60, "the worker node")
-        yield home, address
+            cwd=REPO_ROOT, env={**env, **FAST_NODE_DEATH}, stdout=open(base / "head.log", "w"),
+            stderr=subprocess.STDOUT, start_new_session=True))
+        wait_for(lambda: _started(base / "head.log"), 60, "the head node")
+        python = venv / "bin" / "python"
+        for host in WORKERS:
+            log = base / f"{host}.log"
+            worker = (f"hostname {host} && mount --bind '{Path(sys.prefix)}' '{venv}' && "
+                      f"mount -t tmpfs tmpfs '{home}' && mount -t tmpfs tmpfs '{REPO_ROOT}' && "
+                      f"exec '{python}' -m ray.scripts.scripts start --block --address {cluster.address} "
+                      f"--node-ip-address 127.0.0.1 --num-cpus 1 --disable-usage-stats")
+            cluster.workers[host] = subprocess.Popen(
+                ["unshare", "-m", "-u", "--propagation", "private", "sh", "-c", worker],
+                cwd=temp_dir, env=worker_env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                start_new_session=True)
+            nodes.append(cluster.workers[host])
+            wait_for(lambda: _started(log), 60, f"the worker node {host}")
+        wait_for(lambda: _alive_nodes(cluster.address, env) == 3, 60, "three live nodes")
+        yield cluster
     finally:
         for node in reversed(nodes):
             _stop(node)

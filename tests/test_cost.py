@@ -39,9 +39,9 @@ def add_run(ledger, run_id, *, backend="vast", created_at=T, name=None):
         db.execute("UPDATE runs SET created_at = ? WHERE run_id = ?", (created_at, run_id))
 
 
-def add_arm(ledger, run_id, arm, *, seed=0, gpus=1.0, kind="arm"):
+def add_arm(ledger, run_id, arm, *, seed=0, gpus=1.0, kind="arm", cpus=1):
     return ledger.add_arm_run(run_id, arm=arm, seed=seed, kind=kind, config={}, config_hash="h", out_dir="out",
-                              total_steps=10, gpus=gpus, cpus=1, gpu_memory_gb=None)
+                              total_steps=10, gpus=gpus, cpus=cpus, gpu_memory_gb=None)
 
 
 def add_instance(ledger, run_id, *, num_gpus=1, dph=1.0, created=T, ready=None, destroyed=None,
@@ -177,22 +177,89 @@ def test_failed_create_costs_nothing(ledger):
     assert current_spend(ledger, "r1", now=LATER) == 0 and burn_rate(ledger) == 0
 
 
-def test_local_energy_and_unknown(ledger):
+def test_local_energy_and_machine_time(ledger):
     add_run(ledger, "loc", backend="local")
     add_attempt(ledger, add_arm(ledger, "loc", "measured"), start=T, end=T + H, backend="local", energy=3.6e6)
     add_attempt(ledger, add_arm(ledger, "loc", "blind"), start=T, end=T + H, backend="local")
-    lines = lines_by(ledger)
-    assert one(lines, arm="measured").dollars == pytest.approx(0.30)
-    assert one(lines, arm="blind").dollars is None
-    assert current_spend(ledger, "loc", now=LATER, rates=RATES) == pytest.approx(0.30)
-    text = cost_command(ledger, now=LATER, rates=RATES, console_width=120)
-    assert "unknown" in text and "no energy reading" in text
-    data = json.loads(cost_command(ledger, fmt="json", now=LATER, rates=RATES))
-    assert data["total"]["dollars"] == pytest.approx(0.30) and data["total"]["unknown_lines"] == 1
-    blind = next(g for g in data["studies"][0]["groups"] if g["label"] == "blind")
-    assert blind["lines"][0]["dollars"] is None
+    rates = Rates(dollars_per_kwh=0.30, machine_dollars_per_hour=0.20, machine_cpus=4)
+    lines = cost_lines(ledger, now=LATER, rates=rates)
+    measured = one(lines, arm="measured")
+    assert measured.dollars == pytest.approx(0.30) and measured.priced_by == "energy"
+    blind = one(lines, arm="blind")     # a GPU attempt without NVML: the whole machine's time
+    assert blind.dollars == pytest.approx(0.20) and blind.priced_by == "machine time"
+    assert current_spend(ledger, "loc", now=LATER, rates=rates) == pytest.approx(0.50)
+    text = cost_command(ledger, now=LATER, rates=rates, console_width=160, detail=True)
+    assert "unknown" not in text and "Total: $0.50" in text and "#1 run (machine time)" in text
+    assert "x $0.20/h (ARMATURE_MACHINE_DOLLARS_PER_HOUR)" in text and "/ 4 cores" in text
     hardware = Rates(dollars_per_kwh=0.30, hardware_dollars_per_gpu_hour=1.0)
     assert one(cost_lines(ledger, now=LATER, rates=hardware), arm="measured").dollars == pytest.approx(1.30)
+
+
+CPU_RATES = Rates(dollars_per_kwh=0.30, machine_dollars_per_hour=0.20, machine_cpus=4)
+
+
+@pytest.fixture
+def cpu_study(ledger):
+    """A local CPU study on a 4-core machine at $0.20/h: one arm on 2 CPUs lost an attempt of 113 s and failed
+    one of an hour before succeeding in an hour; one arm on 4 CPUs ran 2 h with a RAPL reading of 1.8 MJ."""
+    add_run(ledger, "cpu", backend="local")
+    retried = add_arm(ledger, "cpu", "retried", gpus=0, cpus=2)
+    add_attempt(ledger, retried, start=T, end=T + 113, state="lost", backend="local")
+    add_attempt(ledger, retried, start=T + 200, end=T + 200 + H, state="failed", backend="local")
+    add_attempt(ledger, retried, start=T + 2 * H, end=T + 3 * H, backend="local")
+    add_attempt(ledger, add_arm(ledger, "cpu", "rapl", gpus=0, cpus=4), start=T, end=T + 2 * H, backend="local",
+                energy=1.8e6)
+    return ledger
+
+
+LOST = 113 / H * 0.5 * 0.20       # wall hours x 2 of 4 cores x $0.20/h
+FAILED = 1 * 0.5 * 0.20
+SUCCEEDED = 1 * 0.5 * 0.20
+RAPL = 1.8e6 / 3.6e6 * 0.30       # 0.5 kWh at $0.30
+
+
+def test_cpu_study_priced_by_machine_time_and_energy_with_known_answers(cpu_study):
+    lines = cost_lines(cpu_study, now=LATER, rates=CPU_RATES)
+    assert one(lines, attempt_state="lost").dollars == pytest.approx(LOST) and one(lines, attempt_state="lost").waste
+    assert one(lines, attempt_state="failed").dollars == pytest.approx(FAILED)
+    assert one(lines, arm="rapl").dollars == pytest.approx(RAPL) and one(lines, arm="rapl").priced_by == "energy"
+    total = LOST + FAILED + SUCCEEDED + RAPL
+    assert current_spend(cpu_study, "cpu", now=LATER, rates=CPU_RATES) == pytest.approx(total)
+
+    data = json.loads(cost_command(cpu_study, fmt="json", now=LATER, rates=CPU_RATES))
+    assert data["total"]["dollars"] == pytest.approx(total, abs=1e-6) and data["total"]["unknown_lines"] == 0
+    assert data["studies"][0]["dollars"] == pytest.approx(total, abs=1e-6)
+    assert data["total"]["waste_dollars"] == pytest.approx(LOST + FAILED, abs=1e-6)     # JSON keeps 6 decimals
+    retried = next(g for g in data["studies"][0]["groups"] if g["label"] == "retried")
+    assert retried["waste_dollars"] == pytest.approx(LOST + FAILED, abs=1e-6)
+    assert retried["hours"] == pytest.approx(2 + 113 / H, abs=1e-6)
+    money = f"${total:.2f}"
+    assert data["headline"].startswith(f"2 experiments for {money} (waste ${LOST + FAILED:.2f}")
+
+    table = cost_command(cpu_study, now=LATER, rates=CPU_RATES, console_width=160)   # headline, study, total agree
+    assert table.startswith(f"2 experiments for {money}") and f"Total: {money}" in table
+    study_total = next(line for line in table.splitlines() if line.strip().startswith("total"))
+    assert money in study_total and "unknown" not in table
+    rows = list(csv.DictReader(io.StringIO(cost_command(cpu_study, fmt="csv", now=LATER, rates=CPU_RATES))))
+    assert float(next(r for r in rows if r["row"] == "total")["dollars"]) == pytest.approx(total)
+    assert float(next(r for r in rows if r["row"] == "study")["dollars"]) == pytest.approx(total)
+
+
+def test_rapl_meter_sums_packages_across_a_wrap(tmp_path):
+    from orchestrator.cost.energy import RaplMeter, cpu_share
+    for zone, value in (("intel-rapl:0", 900), ("intel-rapl:1", 100)):
+        (tmp_path / zone).mkdir()
+        (tmp_path / zone / "energy_uj").write_text(f"{value}\n")
+        (tmp_path / zone / "max_energy_range_uj").write_text("1000\n")
+    (tmp_path / "intel-rapl:0:0").mkdir()            # a sub-zone (core) is inside its package: not counted
+    (tmp_path / "intel-rapl:0:0" / "energy_uj").write_text("5\n")
+    meter = RaplMeter(tmp_path, sample_seconds=None)
+    assert meter.available and meter.joules() == 0
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("200\n")   # wrapped: 900 -> 1000 -> 200 = 300 uj
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("150\n")
+    assert meter.joules() == pytest.approx(350e-6)
+    assert cpu_share(2, 8) == 0.25 and cpu_share(16, 8) == 1.0 and cpu_share(0, 8) == 1.0
+    assert not RaplMeter(tmp_path / "absent", sample_seconds=None).available
 
 
 # ---- reconciliation --------------------------------------------------------------------------
@@ -288,6 +355,7 @@ def test_estimate_study_and_report_beside_actual(shared):
     assert estimate.dollars == pytest.approx(0.80) and estimate.gpu_hours == pytest.approx(2.0)
     assert "= $0.80" in estimate.describe()
     assert local_dollars_per_hour(1, watts_per_gpu=1000, rates=RATES) == pytest.approx(0.30)
+    assert local_dollars_per_hour(0, rates=CPU_RATES) == pytest.approx(0.20)     # a CPU arm: the machine's $/h
     with pytest.raises(UserError, match="hours"):
         estimate_study(4, -1, 0.4, 1)
     record_estimate(shared, "r1", estimate_study(2, 2.0, 0.40, 1))
@@ -351,10 +419,10 @@ def test_markdown_table_rows(mixed):
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| ---")]
     by_label = {row[0]: row for row in rows}
-    assert rows[0] == ["Arm", "Attempts", "GPU-h", "$/h", "Cost", "Waste", "Share"]
-    assert by_label["lr-high"][4] == "$1.00" and by_label["base"][4] == "$0.60"
-    assert by_label["boot (overhead)"][5] == "$0.50"
-    assert [row[4] for row in rows if row[0] == "**total**"] == ["**$3.00**", "**$0.60**"]
+    assert rows[0] == ["Arm", "Attempts", "Hours", "GPU-h", "$/h", "Cost", "Waste", "Share"]
+    assert by_label["lr-high"][5] == "$1.00" and by_label["base"][5] == "$0.60" and by_label["base"][2] == "1.00"
+    assert by_label["boot (overhead)"][6] == "$0.50"
+    assert [row[5] for row in rows if row[0] == "**total**"] == ["**$3.00**", "**$0.60**"]
     assert "**3 experiments for $3.60 (waste $1.00, 28%)**" in text
 
 
@@ -429,7 +497,8 @@ def test_old_schema_and_missing_and_corrupt_ledgers(tmp_path):
 
 def test_rates_from_env(monkeypatch):
     monkeypatch.setenv("ARMATURE_DOLLARS_PER_KWH", "0.5")
-    assert Rates.from_env().dollars_per_kwh == 0.5
+    monkeypatch.setenv("ARMATURE_MACHINE_DOLLARS_PER_HOUR", "0.07")
+    assert Rates.from_env().dollars_per_kwh == 0.5 and Rates.from_env().machine_dollars_per_hour == 0.07
     monkeypatch.setenv("ARMATURE_DOLLARS_PER_KWH", "cheap")
     with pytest.raises(UserError, match="ARMATURE_DOLLARS_PER_KWH"):
         Rates.from_env()

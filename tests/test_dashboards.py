@@ -329,3 +329,52 @@ def test_dashboard_queries_of_one_study_return_only_its_series(study_and_standal
             assert len(curves) == len(set(curves)), f"{panel['title']}: a curve twice: {sorted(curves)}"
             answered += bool(runs)
     assert answered >= 3
+
+
+# ---- training curves against the step ------------------------------------------------------------------------
+
+
+def step_panels(dashboard: dict) -> list[dict]:
+    return [panel for panel in panels(dashboard) if panel["type"] == "trend"]
+
+
+def test_training_panels_draw_against_the_step():
+    """The panels about training (loss, primary metric) put the step on x: a Trend panel whose x field is the
+    step series, joined with the curve's series on time and split into one curve per run, arm and seed."""
+    dashboard = load(REPO_ROOT / "dashboards" / "ablation.json")
+    by_title = {panel["title"]: panel for panel in step_panels(dashboard)}
+    assert set(by_title) == {"Loss against step", "Primary metric against step"}
+    for title, panel in by_title.items():
+        assert panel["options"]["xField"] == "step"
+        refs = {target["refId"]: target for target in panel["targets"]}
+        assert all(t["format"] == "table" and t["range"] for t in refs.values()), title
+        transforms = [t["id"] for t in panel["transformations"]]
+        assert transforms == ["merge", "organize", "sortBy", "partitionByValues"], title
+        renamed = panel["transformations"][1]["options"]["renameByName"]
+        step_ref = next(ref for ref, t in refs.items() if "armature_arm_step{" in t["expr"])
+        assert renamed[f"Value #{step_ref}"] == "step"
+        curve_ref = next(ref for ref in refs if ref != step_ref)
+        assert ("loss" if title.startswith("Loss") else "primary metric") == renamed[f"Value #{curve_ref}"]
+        assert panel["transformations"][3]["options"]["fields"] == ["run", "arm", "seed"]
+    assert any(r["id"] == "trend" for r in dashboard["__requires"])
+
+
+@requires_prometheus
+def test_step_and_curve_series_join_row_for_row(prometheus):
+    """Merged on time and labels, the two queries of a step panel pair up: the same run/arm/seed label sets with
+    nothing else (no __name__, job or instance to keep rows apart), sampled at the same times."""
+    dashboard = load(REPO_ROOT / "dashboards" / "ablation.json")
+    values = resolve_variables(prometheus, dashboard)
+    end = float(prometheus.query("time()")[0]["value"][1])
+    for panel in step_panels(dashboard):
+        answers = []
+        for target in panel["targets"]:
+            data = prometheus.api("query_range", query=substitute(target["expr"], values), start=str(end - 30),
+                                  end=str(end), step="1")
+            answers.append({tuple(sorted(series["metric"].items())): [t for t, _ in series["values"]]
+                            for series in data["result"]})
+        steps, curve = answers
+        assert steps and curve and set(curve) <= set(steps), panel["title"]
+        for labels, times in curve.items():
+            assert {name for name, _ in labels} == {"run", "arm", "seed"}, labels
+            assert set(times) <= set(steps[labels]), labels

@@ -8,6 +8,7 @@ import time
 
 from tests.armature_helpers import (TINY_MASKGIT_BASE, TINY_VQVAE_BASE, armature, ledger,
                                     metric_steps, start_armature, tiny_spec, wait_for)
+from tests.test_tensorboard import assert_every_metric_reads_back
 
 TWO_ARMS = f"""name: tiny
 trainer: vqvae
@@ -52,6 +53,8 @@ def test_two_arms_two_seeds_end_to_end(tmp_path):
     rows = list(csv.DictReader(open(home / "e2e" / "results.csv")))
     assert [r["arm"] for r in rows] == ["a", "b"]
     assert (home / "e2e" / "results.md").exists() and (home / "e2e" / "plots" / "loss.png").exists()
+    assert_every_metric_reads_back(home, "e2e", {"a": {"model.codebook_size": 128.0},
+                                                 "b": {"model.codebook_size": 16.0}})
     assert "git" in (home / "e2e" / "spec.yaml").read_text()
 
     status = armature(home, "status", "e2e")

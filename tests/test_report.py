@@ -14,7 +14,7 @@ from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 from orchestrator.report import write_report
 from orchestrator.report.collect import collect_results
-from orchestrator.report.plots import newest_sample
+from orchestrator.report.plots import sample_images
 from trainers import vqvae
 
 RUN_ID = "codebook-20250101-120000"
@@ -323,7 +323,9 @@ def test_cpu_arms_show_cpu_hours_and_cpu_vs_gpu_warns(tmp_path):
 def test_plots_are_valid_images(tmp_path):
     ledger, run_dir = build_study(tmp_path)
     paths = write_report(ledger, RUN_ID, run_dir)
-    assert set(paths.plots) == {"primary_metric", "loss", "samples"} and not paths.skipped_plots
+    assert set(paths.plots) == {"primary_metric", "loss", "samples"}
+    assert set(paths.skipped_plots) == {"metric_codebook_usage", "metric_perplexity", "metric_top4_mass",
+                                        "metric_dead_codes"}    # declared metrics no metrics row carries
     for path in paths.plots.values():
         assert path.parent == run_dir / "plots"
         with Image.open(path) as image:
@@ -334,10 +336,11 @@ def test_plots_are_valid_images(tmp_path):
             assert len(image.convert("RGB").getcolors(1 << 16) or range(1 << 16)) > 50   # not blank
 
 
-def test_newest_sample_grid_is_the_one_shown(tmp_path):
+def test_the_declared_sample_grid_is_the_one_shown_at_its_steps(tmp_path):
     ledger, run_dir = build_study(tmp_path)
     results = collect_results(ledger, RUN_ID, run_dir)
-    assert newest_sample(results.arms[0].succeeded[0]).name == "recon.png"
+    chosen = sample_images(results.arms[0].succeeded[0], results.samples_images["vqvae"])
+    assert {step: path.name for step, path in chosen.items()} == {20: "recon_step000020.png", 50: "recon.png"}
 
 
 def test_no_baseline_means_no_verdicts(tmp_path):
@@ -358,7 +361,7 @@ def test_missing_data_skips_plots_and_says_so(tmp_path):
     assert not (run_dir / "plots" / "loss.png").exists()
     text = paths.markdown.read_text()
     assert "not drawn, no metrics row carries 'recon_mse'" in text
-    assert "not drawn, no succeeded arm run has a PNG under samples/" in text
+    assert "not drawn, no arm run has a samples/samples.png" in text
     rows = _csv_rows(run_dir)   # unknown trainer: the primary metric alone, with no values anywhere
     assert rows["baseline"]["recon_mse_mean"] == "" and rows["baseline"]["verdict"] == ""
 

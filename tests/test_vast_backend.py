@@ -25,9 +25,9 @@ from infra.vastsim import Simulator
 from infra.vastsim.instances import find_sshd
 from orchestrator.backends.base import AttemptResult, AttemptSpec
 from orchestrator.backends.vast import VastBackend, VastConfig, make_client, provider
-from orchestrator.backends.vast.attempt import weights_only_refusal
+from orchestrator.backends.remote.attempt import weights_only_refusal
 from trainers.common import load_weights_only
-from orchestrator.backends.vast.ssh import load_or_create_keypair
+from orchestrator.backends.remote.ssh import load_or_create_keypair
 from orchestrator.cost.reconcile import _charge_lines, provider_instance_id
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
@@ -394,7 +394,7 @@ def test_failed_dependency_install_fails_the_attempt_with_the_log_tail(harness, 
     backend = harness.backend(repo_root=repo)
     result, _ = harness.run(backend, harness.spec(harness.arm("broken-deps")))
     assert result.outcome == "failed"
-    assert "install dependencies failed on the instance" in result.reason
+    assert "install dependencies failed on the host" in result.reason
     assert "Invalid requirement" in result.reason or "this is not a requirement" in result.reason
     (row,) = harness.ledger.query("SELECT * FROM instances WHERE run_id=?", (harness.run_id,))
     assert row["destroyed_at"] is not None and row["reason"].startswith("deploy failed")
@@ -447,7 +447,7 @@ import json, sys, threading
 sys.path.insert(0, sys.argv[2])
 from orchestrator.backends.base import AttemptResult, AttemptSpec
 from orchestrator.backends.vast import VastBackend, VastConfig, make_client, provider
-from orchestrator.backends.vast.ssh import load_or_create_keypair
+from orchestrator.backends.remote.ssh import load_or_create_keypair
 from orchestrator.ledger import Ledger
 args = json.loads(sys.argv[1])
 ledger = Ledger(args["ledger"])
@@ -529,7 +529,7 @@ def test_adopt_of_a_vanished_instance_is_lost(harness, sim):
     arm = harness.arm("vanished")
     attempt_id = harness.ledger.start_attempt(arm, backend="vast")
     instance_id = harness.ledger.add_instance(run_id=harness.run_id, provider="vast", label="armature:x:1")
-    harness.ledger.update_attempt(attempt_id, instance_id=instance_id, gpu_index="0")
+    harness.ledger.update_attempt(attempt_id, instance_id=instance_id, gpu_index="0", pid=4242)   # trainer ran
     harness.ledger.update_instance(instance_id, state="failed_create")
     result, _ = harness.run(backend, harness.spec(arm, adopt_attempt=attempt_id))
     assert result.outcome == "lost" and "gone" in result.reason
@@ -601,7 +601,7 @@ def test_no_metrics_row_is_lost_when_a_pulled_checkpoint_is_ahead_of_the_rows_re
     instance's host key changes before the next poll (refused: nothing more is read from it): the rows up to the
     checkpoint must have been read before it was accepted, or the attempt resumed from it on another instance
     leaves a gap in the curve."""
-    from orchestrator.backends.vast.attempt import RemoteAttempt
+    from orchestrator.backends.remote.attempt import RemoteAttempt
 
     backend = harness.backend(pull_checkpoints_every_minutes=0.005)
     arm = harness.arm("gapless", longer(600))

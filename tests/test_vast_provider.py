@@ -14,12 +14,12 @@ import pytest
 from infra.vastsim import Simulator
 from infra.vastsim.instances import find_sshd
 from orchestrator.backends.vast import VastBackend, VastConfig, make_client, provider, reap
-from orchestrator.backends.vast.attempt import RemoteAttempt
+from orchestrator.backends.remote.attempt import RemoteAttempt
 from orchestrator.backends.vast.reap import reap_keys
-from orchestrator.backends.vast.deploy import (boot_watchdog_onstart, install_helper_and_watchdog, make_code_bundle,
-                                               resolve_paths)
+from orchestrator.backends.remote.deploy import install_helper_and_watchdog, make_code_bundle, resolve_paths
+from orchestrator.backends.vast.boot import boot_watchdog_onstart
 from orchestrator.backends.vast.offers import build_query, rank
-from orchestrator.backends.vast.ssh import Connection, HostKeyChanged, load_or_create_keypair
+from orchestrator.backends.remote.ssh import Connection, HostKeyChanged, load_or_create_keypair
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
@@ -170,14 +170,14 @@ def test_backend_refuses_a_dirty_tree_and_a_shipped_secret(tmp_path, sim, monkey
     with pytest.raises(UserError, match="uncommitted changes"):
         backend.start()
     (repo / "settings.env").write_text(f"VAST_API_KEY={API_KEY}\n")
-    with pytest.raises(UserError, match="settings.env contains the Vast API key"):
+    with pytest.raises(UserError, match="settings.env contains the provider's API key"):
         make_code_bundle(repo, tmp_path / "out", allow_dirty=True, secrets=(API_KEY,))
     # Committed with the key, then edited (not committed) without it: HEAD's tree would still ship it.
     subprocess.run(["git", "-C", str(repo), "add", "settings.env"], check=True)
     subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "k"],
                    check=True)
     (repo / "settings.env").write_text("VAST_API_KEY=\n")
-    with pytest.raises(UserError, match="settings.env at HEAD contains the Vast API key"):
+    with pytest.raises(UserError, match="settings.env at HEAD contains the provider's API key"):
         make_code_bundle(repo, tmp_path / "out", allow_dirty=True, secrets=(API_KEY,))
 
 
@@ -265,8 +265,8 @@ def test_dead_man_switch_destroys_a_silent_or_too_old_instance(client, ledger, s
     silent_id, _, silent = rent(client, ledger, silent_cfg, tmp_path, 4001, "armature:r:silent")
     old_id, _, old = rent(client, ledger, old_cfg, tmp_path, 4002, "armature:r:old")
     for cfg, conn in ((silent_cfg, silent), (old_cfg, old)):
-        paths = conn.call(lambda remote: resolve_paths(remote, cfg))
-        install_helper_and_watchdog(conn, paths, cfg, REPO_ROOT)
+        paths = conn.call(lambda remote: resolve_paths(remote, cfg.runtime))
+        install_helper_and_watchdog(conn, paths, cfg.runtime, REPO_ROOT)
         conn.close()                                  # the orchestrator goes quiet
     provider_ids = [int(ledger.instance(i)["provider_instance_id"]) for i in (silent_id, old_id)]
     wait_for(lambda: all(sim.show_instance(p) is None for p in provider_ids), 30, "the watchdogs to destroy")
@@ -288,9 +288,9 @@ def test_each_contact_can_shorten_the_dead_man_silence(client, ledger, sim, tmp_
                                       env={}, onstart=boot_watchdog_onstart(cfg))
         host, port, host_key = provider.wait_ready(client, ledger, cfg, instance_id, key, threading.Event())
         conn = Connection(host, port, key.private, host_key, timeout=10, retries=2)
-        paths = conn.call(lambda remote: resolve_paths(remote, cfg))
+        paths = conn.call(lambda remote: resolve_paths(remote, cfg.runtime))
         if with_supervisor:
-            install_helper_and_watchdog(conn, paths, cfg, REPO_ROOT)
+            install_helper_and_watchdog(conn, paths, cfg.runtime, REPO_ROOT)
         else:                                          # only the boot switch watches: the helper alone
             conn.run(["mkdir", "-p", f"{paths.base}/work"], check=True)
             conn.call(lambda remote: remote.put_file(REPO_ROOT / "infra" / "remote" / "supervisor.py",
@@ -428,7 +428,7 @@ def test_pull_back_takes_only_plain_regular_files_from_a_hostile_host(client, le
     sim.set_faults(offer_id=4001, hostile_sftp=str(outside))
     cfg = config(sim)
     _, _, conn = rent(client, ledger, cfg, tmp_path, 4001, "armature:r:hostile")
-    paths = conn.call(lambda remote: resolve_paths(remote, cfg))
+    paths = conn.call(lambda remote: resolve_paths(remote, cfg.runtime))
     hostile, honest = paths.work(7), paths.work(8)
     conn.run(f"mkdir -p {hostile}/out/samples {honest}/out && echo '{{\"steps\": 1}}' > {hostile}/out/summary.json"
              f" && printf png > {hostile}/out/samples/a.png && ln -s {secret} {hostile}/out/samples/real-link.png",
@@ -439,8 +439,8 @@ def test_pull_back_takes_only_plain_regular_files_from_a_hostile_host(client, le
     out_dir.mkdir(parents=True)
     honest_dir.mkdir(parents=True)
 
-    RemoteAttempt(conn, paths, 7, out_dir, cfg).collect(None)
-    RemoteAttempt(conn, paths, 8, honest_dir, cfg).collect(None)
+    RemoteAttempt(conn, paths, 7, out_dir, cfg.runtime).collect(None)
+    RemoteAttempt(conn, paths, 8, honest_dir, cfg.runtime).collect(None)
     conn.close()
 
     assert list(outside.iterdir()) == []

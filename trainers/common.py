@@ -89,6 +89,8 @@ class TrainerConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True            # bf16 autocast, CUDA only
     compile: bool = False        # torch.compile, CUDA only
+    deterministic: bool = False  # CUDA: deterministic kernels (slower), so a resumed run is bit-exact; off: TF32
+                                 # matmuls and cuDNN autotuning. CPU runs are deterministic either way.
     data: DataConfig = DataConfig()
 
     @model_validator(mode="after")
@@ -129,19 +131,43 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
+    """The global random streams; on CUDA, the one of the device the run trains on (not every visible GPU)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict):
+def _set_rng_state(state: dict, device: torch.device):
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):      # written by older code: every visible GPU's stream
+        cuda = cuda[0] if len(cuda) == 1 else cuda
+    if cuda is not None and device.type != "cuda":
+        raise RuntimeError("the checkpoint was written by a run on CUDA and this run is on the CPU: its random "
+                           "streams cannot be restored. Resume it where a GPU is visible (device: cuda), or start "
+                           "the arm run over")
+    if isinstance(cuda, (list, tuple)):
+        raise RuntimeError(f"the checkpoint holds the random streams of {len(cuda)} GPUs; a run trains on one: "
+                           f"resume it with CUDA_VISIBLE_DEVICES naming the one GPU it ran on")
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def configure_kernels(device: torch.device, deterministic: bool) -> None:
+    """Deterministic kernels when asked (cuBLAS needs its workspace set before its first call); otherwise, on
+    CUDA, TF32 matmuls and convolutions and cuDNN autotuning for the fixed shapes of a training step."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def _fsync_dir(path: Path):
@@ -251,6 +277,7 @@ class Run:
             raise RuntimeError("device 'cuda' requested but CUDA is not available")
         self.device = torch.device("cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
         self.use_bf16 = bool(getattr(cfg, "bf16", False)) and self.device.type == "cuda"
+        configure_kernels(self.device, bool(getattr(cfg, "deterministic", False)))
 
         self._prev_handler = None
         try:  # only possible in the main thread; elsewhere (tests, threads) the flag just never flips
@@ -316,7 +343,7 @@ class Run:
             os.fsync(self._metrics_file.fileno())
         payload = dict(state)
         payload["step"] = int(step)
-        payload["_rng"] = _rng_state()
+        payload["_rng"] = _rng_state(self.device)
         payload["_wall_time_s"] = self.wall_time_s
         atomic_write_bytes(self.ckpt_path, lambda f: torch.save(payload, f))
 
@@ -329,7 +356,7 @@ class Run:
             self._truncate_metrics(-1)
             return None
         state = load_weights_only(self.ckpt_path)
-        _set_rng_state(state.pop("_rng"))
+        _set_rng_state(state.pop("_rng"), self.device)
         self._prior_wall = float(state.pop("_wall_time_s", 0.0))
         self._t0 = time.time()
         self._truncate_metrics(state["step"])
@@ -517,6 +544,11 @@ def main(train_fn, config_cls, argv=None) -> int:
 
     _STOP["requested"] = False
     run = Run(cfg, args.out)
+    if os.environ.get("ARMATURE_SYNC_DEBUG") and run.device.type == "cuda":
+        # every host synchronisation prints a warning on stderr (tests/bench/bench_gpu.py counts them)
+        import warnings
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
     try:
         train_fn(cfg, run)
     except Interrupted as e:

@@ -177,12 +177,14 @@ def train(cfg: Config, run: Run):
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
+        D.requires_grad_(False)             # the G step needs gradients through D, not D's own
         with run.autocast():
             d_gen = d_fwd(fake).float()
         loss_g = F.softplus(-d_gen).mean()  # non-saturating: -log D(G(z))
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        D.requires_grad_(True)
         step += 1
         acc += torch.stack([loss_d.detach(), loss_g.detach(), torch.sigmoid(d_real).mean().detach(),
                             torch.sigmoid(d_fake).mean().detach(), torch.ones((), device=dev)])

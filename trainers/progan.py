@@ -250,12 +250,16 @@ def generate(G, z, level, alpha, resolution, run, batch=256):
 
 
 def d_loss(cfg, d_fwd, D, real, fake, level, alpha, gen, run):
-    """d_fwd: D, possibly compiled; the gradient penalties need double backward, so they use plain D."""
+    """d_fwd: D, possibly compiled; the gradient penalties need double backward, so they use plain D, in fp32
+    (a penalty built from bf16 gradients is too coarse to hold D's gradient norm where it should be)."""
     r1 = cfg.loss == "nonsaturating" and cfg.r1_gamma > 0
     if r1:
         real = real.detach().requires_grad_(True)
+        d_real = D(real, level, alpha).float()
     with run.autocast():
-        d_real, d_fake = (D if r1 else d_fwd)(real, level, alpha).float(), d_fwd(fake, level, alpha).float()
+        if not r1:
+            d_real = d_fwd(real, level, alpha).float()
+        d_fake = d_fwd(fake, level, alpha).float()
     if cfg.loss == "nonsaturating":
         loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         if not r1:
@@ -265,8 +269,7 @@ def d_loss(cfg, d_fwd, D, real, fake, level, alpha, gen, run):
         return loss + 0.5 * cfg.r1_gamma * penalty, {"penalty": penalty.detach()}
     eps = torch.rand(real.shape[0], 1, 1, 1, generator=gen).to(real.device)
     x_hat = torch.lerp(real, fake, eps).requires_grad_(True)
-    with run.autocast():
-        d_hat = D(x_hat, level, alpha).float()
+    d_hat = D(x_hat, level, alpha).float()
     grad, = torch.autograd.grad(d_hat.sum(), x_hat, create_graph=True)
     gp = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
     wdist = d_real.mean() - d_fake.mean()
@@ -339,12 +342,14 @@ def train(cfg: Config, run: Run):
         loss_d.backward()
         opt_d.step()
 
+        D.requires_grad_(False)         # the G step needs gradients through D, not D's own
         with run.autocast():
             d_gen = d_fwd(fake, level, a).float()
         loss_g = F.softplus(-d_gen).mean() if cfg.loss == "nonsaturating" else -d_gen.mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
+        D.requires_grad_(True)
         step += 1
         beta = min(cfg.ema_beta, (1 + step) / (10 + step))  # ramp-up: early EMA follows G closely
         with torch.no_grad():

@@ -70,6 +70,7 @@ class Config(TrainerConfig):
 
 
 METRICS = {"recon_mse": "min", "codebook_usage": "max", "perplexity": "max", "top4_mass": "min", "dead_codes": "min"}
+SAMPLES_IMAGE = "recon"   # the grid a report shows: held-out images over their reconstructions
 UPSTREAM: dict = {}
 SEED_RANDOMISES = ["model initialisation (codebook included)", "batch order", "dead-code resets",
                    "data draw (data.draw)"]

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The armature helper that runs ON a rented instance (Python standard library only).
+"""The armature helper that runs ON a remote host: a rented instance or a machine of your own (Python
+standard library only).
 
 Subcommands (the orchestrator calls them over SSH; paths are on the instance):
 
@@ -12,9 +13,12 @@ Subcommands (the orchestrator calls them over SSH; paths are on the instance):
   stop       SIGTERM the supervisor of a work folder (it forwards it; the trainer checkpoints).
   snapshot   hard-link a checkpoint (a consistent copy even if the trainer replaces it) and print its sha256.
   digest     print the sha256 and size of a file.
-  watchdog   the dead-man switch: destroy this instance (with the instance-scoped CONTAINER_API_KEY, never the
-             account key) when the orchestrator has not touched the last-contact file for a while, or when
-             the instance has lived past its maximum lifetime.
+  watchdog   the dead-man switch, when the orchestrator has not touched the last-contact file for a while or
+             the host has run armature past its maximum lifetime: `--on-silence destroy` destroys this rented
+             instance (with the instance-scoped CONTAINER_API_KEY, never the account key); `--on-silence
+             clean` (a host of your own) stops every armature process and removes the scratch folder.
+  cleanup    stop every armature process under a scratch folder (watchdog, supervisors, trainers), then
+             remove the folder: the end of a run on a host of your own.
   has-requirements  exit 0 when every distribution a requirements file names is installed.
 """
 
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,6 +373,10 @@ def cmd_watchdog(args):
             reason = "no contact from the orchestrator for %.0fs (limit %.0fs)" % (silence, limit)
         elif now - started > args.max_lifetime_seconds:
             reason = "maximum lifetime of %.0fs reached" % args.max_lifetime_seconds
+        if reason and args.on_silence == "clean":
+            log(reason + ": stopping armature and removing its folder")
+            stop_armature(os.path.dirname(os.path.abspath(args.contact_file)), 10.0, lambda message: None)
+            return 0
         if reason:
             log(reason + ": destroying this instance")
             if destroy_self(server_url, log):
@@ -375,6 +384,57 @@ def cmd_watchdog(args):
             time.sleep(min(30.0, max(1.0, args.check_seconds)))
             continue
         time.sleep(args.check_seconds)
+
+
+# ---- stopping everything (hosts of your own) --------------------------------------------------------------
+
+def armature_processes(base):
+    """(pid, kind) of the live armature processes of a scratch folder: its watchdog, and every attempt's
+    supervisor and trainer (a pid counts only while its command line still names what it was)."""
+    found = []
+    watchdog = pid_from(os.path.join(base, "watchdog.pid"))
+    if watchdog is not None and watchdog != os.getpid() and process_matches(watchdog, "supervisor.py", "watchdog"):
+        found.append((watchdog, "watchdog"))
+    work = os.path.join(base, "work")
+    for name in sorted(os.listdir(work)) if os.path.isdir(work) else []:
+        folder = os.path.join(work, name)
+        trainer = pid_from(os.path.join(folder, "trainer.pid"))
+        if trainer is not None and process_matches(trainer, "trainers.", folder):
+            found.append((trainer, "trainer"))
+        supervisor = pid_from(os.path.join(folder, "supervisor.pid"))
+        if supervisor is not None and supervisor_alive(folder):
+            found.append((supervisor, "supervisor"))
+    return found
+
+
+def stop_armature(base, grace_seconds, log):
+    """SIGTERM every armature process of `base` (a trainer's whole process group), SIGKILL what is left after
+    `grace_seconds`, then remove `base`. Returns the pids that were running."""
+    running = armature_processes(base)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid, kind in running:
+            if signum == signal.SIGKILL and not process_matches(pid):
+                continue                    # ended on SIGTERM (its pid may already be someone else's)
+            try:
+                if kind == "trainer":
+                    os.killpg(pid, signum)
+                else:
+                    os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + (grace_seconds if signum == signal.SIGTERM else 5.0)
+        while time.time() < deadline and any(process_matches(pid) for pid, _ in running):
+            time.sleep(0.1)
+    shutil.rmtree(base, ignore_errors=True)
+    log("stopped %s and removed %s" % (", ".join("%s %d" % (k, p) for p, k in running) or "nothing", base))
+    return [pid for pid, _ in running]
+
+
+def cmd_cleanup(args):
+    base = os.path.abspath(args.base)
+    stopped = stop_armature(base, args.grace_seconds, lambda message: None)
+    print(json.dumps({"stopped": stopped, "removed": not os.path.exists(base)}))
+    return 0
 
 
 # ---- requirements ----------------------------------------------------------------------------------------
@@ -442,6 +502,12 @@ def main(argv=None):
     watchdog.add_argument("--max-lifetime-seconds", type=float, required=True)
     watchdog.add_argument("--check-seconds", type=float, default=5.0)
     watchdog.add_argument("--server-url", default="")
+    watchdog.add_argument("--on-silence", choices=["destroy", "clean"], default="destroy",
+                          help="destroy this rented instance, or stop armature and remove its folder (own hosts)")
+
+    cleanup = sub.add_parser("cleanup")
+    cleanup.add_argument("--base", required=True, help="the scratch folder: stop what runs from it, then remove it")
+    cleanup.add_argument("--grace-seconds", type=float, default=10.0)
 
     requirements = sub.add_parser("has-requirements")
     requirements.add_argument("--requirements", required=True)
@@ -450,7 +516,8 @@ def main(argv=None):
     if args.command == "run":
         return Supervisor(args).run()
     handlers = {"poll": cmd_poll, "stop": cmd_stop, "snapshot": cmd_snapshot, "digest": cmd_digest,
-                "watchdog": cmd_watchdog, "has-requirements": cmd_has_requirements}
+                "watchdog": cmd_watchdog, "has-requirements": cmd_has_requirements,
+                "cleanup": cmd_cleanup}
     return handlers[args.command](args)
 
 

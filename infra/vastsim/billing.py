@@ -2,10 +2,13 @@
 
 Rules (so a cost report can reconcile against them):
 
-* GPU: ``dph_total`` $/h for every second from create to destroy, except while
-  the instance is stopped, exited (preempted) or offline.
+* GPU: the instance's ``dph_total`` $/h (its bid for an interruptible one) for
+  every second it is ``running``; nothing while it is being created or loading,
+  stopped (by the user or outbid), exited (preempted) or offline.
 * Storage: ``disk_gb * storage_cost`` $/GB/month (month = 30 days) for every
-  second from create to destroy, whatever the state.
+  second from the create request to the confirmed destroy, whatever the state.
+* Bandwidth: ``inet_up_cost`` / ``inet_down_cost`` $/GB (GB = 1e9 bytes) of the
+  traffic recorded against the instance (``Simulator.add_traffic``).
 
 One charge line per instance (not split per day), open-ended while it lives;
 amounts are unrounded dollars.
@@ -14,6 +17,7 @@ amounts are unrounded dollars.
 from __future__ import annotations
 
 MONTH_S = 30 * 24 * 3600.0
+BYTES_PER_GB = 1e9
 
 
 def gpu_seconds(billing_periods: list[list], now: float) -> float:
@@ -27,6 +31,8 @@ def charge_line(instance: dict, now: float) -> dict:
     gpu_s = gpu_seconds(instance["billing_periods"], now)
     gpu_amount = instance["dph_total"] * gpu_s / 3600.0
     storage_amount = instance["disk_gb"] * instance["storage_cost"] * storage_s / MONTH_S
+    bandwidth_amount = (instance["bytes_up"] * instance["inet_up_cost"]
+                        + instance["bytes_down"] * instance["inet_down_cost"]) / BYTES_PER_GB
     source = f"instance-{instance['id']}"
     label = instance.get("label") or ""
     metadata = {
@@ -41,6 +47,10 @@ def charge_line(instance: dict, now: float) -> dict:
         "storage_cost": instance["storage_cost"],
         "gpu_amount": gpu_amount,
         "storage_amount": storage_amount,
+        "bandwidth_amount": bandwidth_amount,
+        "bytes_up": instance["bytes_up"],
+        "bytes_down": instance["bytes_down"],
+        "is_bid": instance["is_bid"],
         "live": instance["destroyed_at"] is None,
     }
 
@@ -54,13 +64,16 @@ def charge_line(instance: dict, now: float) -> dict:
         "source": source,
         "description": f"{instance['num_gpus']}x {instance['gpu_name']} instance {instance['id']}"
                        + (f" ({label})" if label else ""),
-        "amount": gpu_amount + storage_amount,
+        "amount": gpu_amount + storage_amount + bandwidth_amount,
         "start": instance["created_at"],
         "end": end,
         "items": [
             item("gpu", gpu_amount, f"GPU ${instance['dph_total']}/h x {gpu_s / 3600.0:.6f} h"),
             item("storage", storage_amount,
                  f"Storage {instance['disk_gb']} GB x ${instance['storage_cost']}/GB/month x {storage_s:.1f} s"),
+            item("bandwidth", bandwidth_amount,
+                 f"Bandwidth {instance['bytes_up'] / BYTES_PER_GB:.6f} GB up, "
+                 f"{instance['bytes_down'] / BYTES_PER_GB:.6f} GB down"),
         ],
         "metadata": metadata,
     }

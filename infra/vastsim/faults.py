@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 class InstanceFaults:
     boot_delay_s: float | None = None      # replaces the offer's boot delay
     stuck_loading: bool = False            # never leaves `loading`
+    stuck_created: bool = False            # never leaves `created` (no error message)
     oci_failure: bool = False              # stays `created` with "OCI runtime create failed"
     ssh_refused_s: float = 0.0             # running, but sshd listens only N s later
     no_such_ask: bool = False              # every create on the offer fails (offer gone)
@@ -27,6 +28,11 @@ class InstanceFaults:
     offline_after_s: float | None = None   # running N s -> `offline`, processes killed
     hostile_sftp: str | None = None        # an absolute folder: SFTP (from the next sshd start) serves names
     #                                        escaping into it, links, a FIFO, NUL and dot names (hostile_sftp.py)
+    slow_sftp_read_s: float = 0.0          # every SFTP read of a file takes N s more (the slow server from the
+    #                                        next sshd start, the delay live: clearing it makes reads fast again)
+    create_answer_after_s: float = 0.0     # creates on the offer rent the instance, then answer N s late
+    gone_once_rented: bool = False         # the offer leaves search (creates: no_such_ask) once one is rented
+    destroy_fails: bool = False            # destroys of the offer's instances answer 500
 
 
 @dataclass

@@ -14,6 +14,13 @@ Opening (or stat-ing) any of them serves PAYLOAD, as if the host followed its ow
 the link says it is a link. `target` is the folder the escapes aim at (the fault's value).
 
     python hostile_sftp.py --root HOME --target /abs/folder
+
+With `--read-delay-file PATH` (the `slow_sftp_read_s` fault; without --target an honest host) every read
+of a real file takes as many seconds more as PATH says (read at each read: the simulator changes it live),
+and `--busy-marker PATH` exists while a delayed read is under way (so a test can tell a pull-back is in
+progress).
+
+    python hostile_sftp.py --root HOME --read-delay-file D --busy-marker HOME/.vastsim/sftp-reading
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import os
 import stat
 import struct
 import sys
+import time
 
 PAYLOAD = b"written by a hostile host\n"
 
@@ -92,9 +100,11 @@ def attrs_of(info: os.stat_result) -> bytes:
 
 
 class Server:
-    def __init__(self, root: str, target: str):
+    def __init__(self, root: str, target: str | None, read_delay_file: str | None = None,
+                 busy_marker: str | None = None):
         self.root = root
-        self.hostile = hostile_entries(target)
+        self.hostile = hostile_entries(target) if target else []
+        self.read_delay_file, self.busy_marker = read_delay_file, busy_marker
         self.handles: dict[bytes, object] = {}
         self.next_handle = 0
 
@@ -205,6 +215,7 @@ class Server:
             return self.status(request_id, PERMISSION_DENIED, "read only")
         if kind == READ:
             offset, length = body.u64(), body.u32()
+            self.slow_down()
             chunk = os.pread(value, length, offset)
             return (struct.pack(">BI", DATA, request_id) + pack_string(chunk)) if chunk else \
                 self.status(request_id, EOF)
@@ -216,6 +227,24 @@ class Server:
         elif kind == FSETSTAT:
             body.attrs()
         return self.status(request_id, OK)
+
+    def slow_down(self) -> None:
+        """The `slow_sftp_read_s` fault: a read that takes the seconds the delay file says, the busy marker there
+        meanwhile."""
+        try:
+            with open(self.read_delay_file or "") as handle:
+                delay = float(handle.read().strip() or 0)
+        except (OSError, ValueError):
+            delay = 0.0
+        if delay <= 0:
+            return
+        if self.busy_marker:
+            open(self.busy_marker, "w").close()
+        try:
+            time.sleep(delay)
+        finally:
+            if self.busy_marker:
+                os.unlink(self.busy_marker)
 
     def read_dir(self, request_id: int, listing: dict) -> bytes:
         entries = []
@@ -266,9 +295,11 @@ def read_exactly(stream, n: int) -> bytes | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="the instance's home: relative paths start here")
-    parser.add_argument("--target", required=True, help="the absolute folder the escaping names aim at")
+    parser.add_argument("--target", help="the absolute folder the escaping names aim at (none: no hostile names)")
+    parser.add_argument("--read-delay-file", help="a file holding the seconds every read of a real file takes")
+    parser.add_argument("--busy-marker", help="a file that exists while a delayed read is under way")
     args = parser.parse_args(argv)
-    server = Server(args.root, args.target)
+    server = Server(args.root, args.target, args.read_delay_file, args.busy_marker)
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     while True:
         header = read_exactly(source, 4)

@@ -134,6 +134,7 @@ class InstanceHost:
         self.onstart: subprocess.Popen | None = None
         self.session_env: dict[str, str] = {}
         self.hostile_sftp: str | None = None      # the fault of that name, applied at the next sshd start
+        self.slow_sftp_read_s: float = 0.0        # likewise (its value is read live, see set_sftp_read_delay)
 
     # ---- disk -------------------------------------------------------------
 
@@ -218,9 +219,23 @@ class InstanceHost:
             "",
         ]))
 
+    @property
+    def sftp_busy_marker(self) -> Path:
+        return self.sim_dir / "sftp-reading"
+
+    def set_sftp_read_delay(self, seconds: float) -> None:
+        """The `slow_sftp_read_s` fault: sshd uses the slow server from its next start; the delay applies live."""
+        self.slow_sftp_read_s = seconds
+        delay_file = self.sim_dir / "sftp-read-delay"
+        if delay_file.exists() or seconds > 0:
+            delay_file.write_text(f"{seconds:g}\n")
+
     def _sftp_subsystem(self) -> str:
-        if self.hostile_sftp:
-            return f"{self.python} {HOSTILE_SFTP} --root {self.home} --target {self.hostile_sftp}"
+        if self.hostile_sftp or self.slow_sftp_read_s > 0:
+            target = f" --target {self.hostile_sftp}" if self.hostile_sftp else ""
+            slow = (f" --read-delay-file {self.sim_dir / 'sftp-read-delay'} --busy-marker {self.sftp_busy_marker}"
+                    if self.slow_sftp_read_s > 0 else "")
+            return f"{self.python} {HOSTILE_SFTP} --root {self.home}{target}{slow}"
         return f"internal-sftp -d {self.home}"
 
     def generate_host_key(self) -> None:

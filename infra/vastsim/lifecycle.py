@@ -3,6 +3,11 @@
     null -> created -> loading -> running            over the offer's boot delay
     running -> stopped | exited (preempted) | offline  every process killed
     stopped | exited -> null -> ... -> running       on start (onstart runs again)
+    running -> stopped, intended still running       outbid (an interruptible instance), disk kept;
+                                                     it boots again when it wins its machine back
+
+The GPU is billed only while `running` (billing_periods); storage for the whole
+life (billing.py).
 
 The simulator's clock calls ``advance`` every tick with the faults that apply
 right now, under the simulator's lock.
@@ -22,6 +27,7 @@ OCI_FAILURE_MSG = ("Error response from daemon: failed to create task for contai
                    "OCI runtime create failed: runc create failed: unable to start container process")
 PREEMPTED_MSG = "preempted: the host reclaimed its GPUs (vastsim)"
 OFFLINE_MSG = "host offline: no heartbeat (vastsim)"
+OUTBID_MSG = "outbid: a higher bid or an on-demand rental took the machine (vastsim)"
 
 
 @dataclass
@@ -44,7 +50,18 @@ class Instance:
     running_since: float | None = None
     sshd_due_at: float = 0.0
     destroyed_at: float | None = None
-    billing_periods: list = field(default_factory=list)  # [start, end|None]: GPU billed
+    billing_periods: list = field(default_factory=list)  # [start, end|None]: GPU billed (while running)
+    bid: float | None = None           # $/h bid of an interruptible instance; None: on-demand
+    outbid: bool = False               # stopped by the bid market, waiting to win its machine back
+    stopped_at: float | None = None    # the latest move to `stopped` (by the user or outbid)
+    exited_at: float | None = None     # the latest move to `exited` (preempted)
+    bytes_up: float = 0.0              # bandwidth used, billed at the offer's inet_*_cost $/GB
+    bytes_down: float = 0.0
+
+    @property
+    def gpu_rate(self) -> float:
+        """$/h of the GPU while running: the bid of an interruptible instance, else the offer's price."""
+        return self.bid if self.bid is not None else self.offer["dph_total"]
 
     @property
     def live(self) -> bool:
@@ -65,7 +82,7 @@ class Instance:
         self.intended = "running"
         self.boot_started = at if at is not None else time.time()
         self.running_since = None
-        self.billing_periods.append([self.boot_started, None])
+        self.outbid = False
         self.set_status(None)
 
     def advance(self, faults: InstanceFaults) -> bool:
@@ -73,6 +90,8 @@ class Instance:
         now = time.time()
         self.host.reap()
         self.host.hostile_sftp = faults.hostile_sftp
+        if faults.slow_sftp_read_s != self.host.slow_sftp_read_s:
+            self.host.set_sftp_read_delay(faults.slow_sftp_read_s)
         if self.status in BOOTING and self.intended == "running":
             return self._advance_boot(faults, now)
         if self.status != "running":
@@ -97,11 +116,12 @@ class Instance:
             return self.set_status("created", OCI_FAILURE_MSG)
         if elapsed < 0.2 * delay:
             return self.set_status(None)
-        if elapsed < 0.4 * delay:
+        if elapsed < 0.4 * delay or faults.stuck_created:
             return self.set_status("created")
         if elapsed < delay or faults.stuck_loading:
             return self.set_status("loading", f"Pulling {self.image or 'image'}")
         self.running_since = now
+        self.billing_periods.append([now, None])
         self.sshd_due_at = now + faults.ssh_refused_s
         if faults.ssh_refused_s <= 0:
             self.start_sshd()  # listening before anyone sees `running`
@@ -127,7 +147,17 @@ class Instance:
         self._end_billing()
         if status != "offline":
             self.intended = "stopped"
+        if status == "stopped":
+            self.stopped_at = time.time()
+        elif status == "exited":
+            self.exited_at = time.time()
         self.set_status(status, msg)
+
+    def lose_bid(self) -> None:
+        """Outbid: stopped with every process killed and the disk kept; the user still wants it running."""
+        self.interrupt("stopped", OUTBID_MSG)
+        self.intended = "running"
+        self.outbid = True
 
     def destroy(self, reason: str) -> None:
         """Kill every process, stop billing, delete the disk."""
@@ -161,8 +191,12 @@ class Instance:
             "status_msg": self.status_msg, "ssh_port": self.host.port, "home": str(self.host.home),
             "created_at": self.created_at, "running_since": self.running_since,
             "destroyed_at": self.destroyed_at, "billing_periods": self.billing_periods,
-            "dph_total": self.offer["dph_total"], "storage_cost": self.offer["storage_cost"],
+            "dph_total": self.gpu_rate, "storage_cost": self.offer["storage_cost"],
             "disk_gb": self.disk_gb, "gpu_name": self.offer["gpu_name"], "num_gpus": self.offer["num_gpus"],
+            "is_bid": self.bid is not None, "outbid": self.outbid,
+            "stopped_at": self.stopped_at, "exited_at": self.exited_at,
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+            "inet_up_cost": self.offer["inet_up_cost"], "inet_down_cost": self.offer["inet_down_cost"],
         }
 
     def row(self) -> dict:
@@ -190,11 +224,11 @@ class Instance:
             "direct_port_start": port, "direct_port_end": port, "machine_dir_ssh_port": port,
             "start_date": self.created_at, "end_date": self.created_at + offer["duration"],
             "uptime_mins": (time.time() - self.running_since) / 60.0 if running else None,
-            "dph_total": offer["dph_total"], "dph_base": offer["dph_base"],
+            "dph_total": self.gpu_rate, "dph_base": offer["dph_base"],
             "storage_cost": offer["storage_cost"], "inet_up": offer["inet_up"], "inet_down": offer["inet_down"],
             "inet_up_cost": offer["inet_up_cost"], "inet_down_cost": offer["inet_down_cost"],
             "reliability2": offer["reliability2"], "cuda_max_good": offer["cuda_max_good"],
             "driver_version": offer["driver_version"], "geolocation": offer["geolocation"],
-            "verification": offer["verification"], "is_bid": False, "min_bid": offer["min_bid"],
+            "verification": offer["verification"], "is_bid": self.bid is not None, "min_bid": offer["min_bid"],
             "extra_env": [[k, v] for k, v in self.env.items()],
         }

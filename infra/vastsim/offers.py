@@ -15,8 +15,9 @@ SEARCH_OPTIONS = {"order", "type", "limit", "allocated_storage", "disable_bundli
 
 OPERATORS = ("eq", "neq", "gt", "gte", "lt", "lte", "in", "notin", "nin")
 
-# Simulator-only offer keys, not sent to API clients.
-SIM_ONLY_KEYS = {"boot_delay_s"}
+# Simulator-only offer keys, not sent to API clients. `capacity`: how many rentals the offer's machines hold
+# at once (None: unlimited); with a capacity, rentals compete in the bid market (Simulator._settle_market).
+SIM_ONLY_KEYS = {"boot_delay_s", "capacity"}
 
 DEFAULT_BOOT_DELAY_S = 4.0
 
@@ -111,6 +112,7 @@ def normalize_offer(config: dict) -> dict:
         "total_flops": 80.0 * num_gpus,
         "dlperf": 60.0 * num_gpus,
         "boot_delay_s": DEFAULT_BOOT_DELAY_S,
+        "capacity": None,
     }
     offer.update({k: v for k, v in config.items() if k != "reliability2" and k != "reliability"})
     offer["dph_total"] = float(offer["dph_total"])

@@ -16,6 +16,8 @@ Control endpoints (account key required):
     POST   /_sim/instances/{id}/offline         -> offline, processes killed
     POST   /_sim/instances/{id}/host_key        new host key, sshd restarted on the same port
     POST   /_sim/instances/{id}/gpu             {"gpu"?: index, "temperature": 92, ...}
+    POST   /_sim/instances/{id}/traffic         {"up_bytes": N, "down_bytes": N}, billed as bandwidth
+    POST   /_sim/offers/{id}/demand             {"on_demand": N, "bids": [$/h, ...]}: other renters (bid market)
     POST   /_sim/offers                         add an offer (config dict)
     DELETE /_sim/offers/{id}                    remove an offer
     GET    /_sim/results/{token}                log text behind a request_logs result_url (no auth)
@@ -95,6 +97,12 @@ def update_instance(sim: Simulator, req, instance_id):
 def update_instances(sim: Simulator, req):
     for instance_id in req.body.get("ids") or []:
         sim.update_instance(int(instance_id), {"state": req.body.get("state")})
+    return ok()
+
+
+@route("PUT", r"/api/v0/instances/bid_price/(\d+)")
+def change_bid(sim: Simulator, req, instance_id):
+    sim.change_bid(int(instance_id), req.body.get("price"))
     return ok()
 
 
@@ -205,6 +213,18 @@ def sim_instance_action(sim: Simulator, req, instance_id, action):
         values = dict(req.body)
         return ok(gpus=sim.set_gpu(instance_id, values.pop("gpu", None), **values))
     {"preempt": sim.preempt, "offline": sim.go_offline, "host_key": sim.change_host_key}[action](instance_id)
+    return ok()
+
+
+@route("POST", r"/_sim/instances/(\d+)/traffic")
+def sim_add_traffic(sim: Simulator, req, instance_id):
+    sim.add_traffic(int(instance_id), float(req.body.get("up_bytes") or 0), float(req.body.get("down_bytes") or 0))
+    return ok()
+
+
+@route("POST", r"/_sim/offers/(\d+)/demand")
+def sim_offer_demand(sim: Simulator, req, offer_id):
+    sim.compete(int(offer_id), int(req.body.get("on_demand") or 0), req.body.get("bids") or [])
     return ok()
 
 

@@ -41,8 +41,9 @@ class Simulator:
 
     Scenario controls: ``set_faults(offer_id=None, **faults)`` / ``clear_faults()``,
     ``preempt(id)``, ``go_offline(id)``, ``change_host_key(id)``, ``set_gpu(id, gpu=None, **values)``,
-    ``add_offer(config)`` / ``remove_offer(offer_id)``. Inspection: ``instances()``,
-    ``instance_pids(id)``, ``instance_home(id)``, ``state()``. ``stop()`` destroys every
+    ``add_offer(config)`` / ``remove_offer(offer_id)``, ``compete(offer_id, on_demand=0, bids=())`` (other renters
+    in the bid market of an offer with a ``capacity``), ``add_traffic(id, up_bytes, down_bytes)``. Inspection: ``instances()``,
+    ``instance_pids(id)``, ``instance_home(id)``, ``sftp_reading(id)``, ``state()``. ``stop()`` destroys every
     instance and kills all of their processes.
     """
 
@@ -66,6 +67,7 @@ class Simulator:
         self._next_id = random.randint(20_000_000, 29_000_000)
         self._account_keys: list[dict] = []
         self._results: dict[str, str] = {}
+        self._demand: dict[int, dict] = {}   # offer id -> other renters: {"on_demand": N, "bids": [$/h, ...]}
         self._server = None
         self._threads: list[threading.Thread] = []
         self.log = logging.getLogger(f"vastsim.{self.token[:6]}")
@@ -170,7 +172,8 @@ class Simulator:
                           "running": not self._stopping.is_set(), "started_at": self.started_at,
                           "state_dir": str(self.state_dir), "python": self.python},
             "faults": self.faults.as_dict(),
-            "offers": [offer_search.public_offer(o) | {"boot_delay_s": o["boot_delay_s"]}
+            "offers": [offer_search.public_offer(o) | {"boot_delay_s": o["boot_delay_s"], "capacity": o["capacity"],
+                                                       "demand": self._demand.get(o["id"])}
                        for o in self.offers.values()],
             "account_ssh_keys": self._account_keys,
             "instances": [inst.record() for inst in self._instances.values()],
@@ -211,7 +214,7 @@ class Simulator:
     def search_offers(self, query: dict) -> list[dict]:
         with self._lock:
             try:
-                return offer_search.search(self.offers.values(), query)
+                return offer_search.search(self._market_view(bids=query.get("type") == "bid"), query)
             except offer_search.QueryError as err:
                 raise SimError(400, "invalid_args", str(err)) from err
 
@@ -222,9 +225,12 @@ class Simulator:
                 raise SimError(503, "unavailable", "The simulator is shutting down.")
             offer = self.offers.get(int(offer_id))
             gone = offer is None or not offer["rentable"] or self.faults.take_create_failure(int(offer_id))
+            if not gone and body.get("price") is None:
+                gone = self._full_of_on_demand(offer)
             if gone:
                 status = 410 if body.get("cancel_unavail") else 404
                 raise SimError(status, "no_such_ask", f"Offer {offer_id} is no longer available.")
+            bid = self._check_bid(offer, body.get("price"))
             instance_id = self._next_id
             self._next_id += 1
             inst = Instance(
@@ -234,16 +240,23 @@ class Simulator:
                 host=InstanceHost(self.state_dir / "instances" / str(instance_id),
                                   {"VASTSIM_SIM": self.token, "VASTSIM_INSTANCE": str(instance_id)},
                                   free_port(), self.python),
-                log=self.log, created_at=requested_at)
+                log=self.log, created_at=requested_at, bid=bid)
             inst.host.prepare(self._session_env(inst), [k["key"] for k in self._account_keys],
                               offer["gpu_name"], offer["num_gpus"], offer["gpu_ram"], offer["driver_version"])
             self._instances[instance_id] = inst
             inst.host.log(f"created from offer {offer['id']} ({offer['num_gpus']}x {offer['gpu_name']})")
             inst.boot(at=requested_at)
-            self.log.info("instance %s created from offer %s, label %r", instance_id, offer["id"], inst.label)
+            self.log.info("instance %s created from offer %s, label %r%s", instance_id, offer["id"], inst.label,
+                          f", bid ${bid}/h" if bid is not None else "")
+            self._settle_market(offer["id"])
+            offer_faults = self.faults.for_offer(offer["id"])
+            if offer_faults.gone_once_rented:
+                offer["rentable"] = False
             self._save()
             answer_fault = self.faults.take_create_answer_fault()
             stall_s = self.faults.requests.create_stall_s
+            if answer_fault is None and offer_faults.create_answer_after_s > 0:
+                answer_fault, stall_s = "stall", offer_faults.create_answer_after_s
         if answer_fault == "stall":
             self.log.info("instance %s: create answer stalls %.1fs (fault)", instance_id, stall_s)
             time.sleep(stall_s)
@@ -291,7 +304,9 @@ class Simulator:
             if "label" in body:
                 inst.label = body["label"]
             state = body.get("state")
-            if state == "stopped" and inst.status not in ("stopped", "exited", "offline"):
+            if state == "stopped" and inst.outbid:
+                inst.intended, inst.outbid = "stopped", False       # no longer waiting to win the machine back
+            elif state == "stopped" and inst.status not in ("stopped", "exited", "offline"):
                 inst.interrupt("stopped", "stopped by user")
             elif state == "running" and inst.status in ("stopped", "exited"):
                 inst.boot()
@@ -299,6 +314,106 @@ class Simulator:
                 raise SimError(400, "instance_offline", f"Instance {inst.id} is on an offline host.")
             elif state not in (None, "stopped", "running"):
                 raise SimError(400, "invalid_args", f"unknown state {state!r}")
+            self._settle_market(inst.offer["id"])
+            self._save()
+
+    def change_bid(self, instance_id: int, price) -> None:
+        """PUT /instances/bid_price/{id}/: a new bid for an interruptible instance (it may win or lose its machine)."""
+        with self._lock:
+            inst = self._instance(instance_id)
+            if inst.bid is None:
+                raise SimError(400, "invalid_args",
+                               f"Instance {inst.id} is on-demand; the rental type cannot change after creation.")
+            if price is None:
+                raise SimError(400, "invalid_args", "price: a bid in $/h is required")
+            inst.bid = self._check_bid(inst.offer, price)
+            inst.host.log(f"bid changed to ${inst.bid}/h")
+            self._settle_market(inst.offer["id"])
+            self._save()
+
+    # ---- the bid market --------------------------------------------------------
+
+    def _check_bid(self, offer: dict, price) -> float | None:
+        """A create's or change's bid as $/h (None: on-demand); below the offer's minimum bid is refused."""
+        if price is None:
+            return None
+        try:
+            bid = float(price)
+        except (TypeError, ValueError):
+            raise SimError(400, "invalid_args", f"price: {price!r} is not a number ($/h)") from None
+        if bid < offer["min_bid"]:
+            raise SimError(400, "invalid_args",
+                           f"price: a bid of ${bid:g}/h is below offer {offer['id']}'s minimum bid ${offer['min_bid']:g}/h")
+        return bid
+
+    def _holders(self, offer_id: int) -> list[tuple]:
+        """Everyone who wants the offer's machines, in the order they get them: on-demand rentals (ours, then
+        other renters') first, then bids by price, highest first (ours before others' on a tie, older first).
+        Each entry is (bid or None, our Instance or None)."""
+        ours = [i for i in self._instances.values()
+                if i.live and i.offer["id"] == offer_id and i.intended == "running" and i.status != "offline"]
+        demand = self._demand.get(offer_id) or {}
+        on_demand = [(None, i) for i in sorted(ours, key=lambda i: i.created_at) if i.bid is None]
+        on_demand += [(None, None)] * int(demand.get("on_demand", 0))
+        bids = [(i.bid, 0, i.created_at, i) for i in ours if i.bid is not None]
+        bids += [(float(price), 1, 0.0, None) for price in demand.get("bids", [])]
+        bids.sort(key=lambda entry: (-entry[0], entry[1], entry[2]))
+        return on_demand + [(price, inst) for price, _, _, inst in bids]
+
+    def _settle_market(self, offer_id: int) -> None:
+        """Give the offer's machines to the first `capacity` holders: a bid instance of ours left out is outbid
+        (stopped, processes killed, disk kept, intended still running); an outbid one let back in boots again."""
+        offer = self.offers.get(offer_id)
+        if offer is None:
+            return
+        capacity = offer.get("capacity")
+        holders = self._holders(offer_id)
+        for place, (_, inst) in enumerate(holders):
+            if inst is None:
+                continue
+            fits = capacity is None or place < capacity
+            if not fits and not inst.outbid:
+                inst.lose_bid()
+            elif fits and inst.outbid:
+                inst.host.log("won the machine back")
+                inst.boot()
+
+    def _full_of_on_demand(self, offer: dict) -> bool:
+        capacity = offer.get("capacity")
+        return capacity is not None and sum(bid is None for bid, _ in self._holders(offer["id"])) >= capacity
+
+    def _market_view(self, bids: bool) -> list[dict]:
+        """Offers as a search sees them: one full of on-demand rentals is `rented` (the SDK's default query leaves
+        it out); in a bid search, a full offer's `min_bid` is what it takes to outbid its lowest winning bid."""
+        view = []
+        for offer in self.offers.values():
+            offer = dict(offer, rented=offer["rented"] or self._full_of_on_demand(offer))
+            capacity = offer["capacity"]
+            holders = self._holders(offer["id"])
+            if bids and capacity is not None and len(holders) >= capacity:
+                lowest_winner = holders[capacity - 1][0]
+                if lowest_winner is not None:
+                    offer["min_bid"] = max(offer["min_bid"], round(lowest_winner + 0.001, 4))
+            view.append(offer)
+        return view
+
+    def compete(self, offer_id: int, on_demand: int = 0, bids=()) -> None:
+        """Other renters of an offer (replacing earlier ones): `on_demand` rentals and `bids` ($/h). With the
+        offer's `capacity` set, they may outbid our interruptible instances; clearing them lets ours resume."""
+        with self._lock:
+            if int(offer_id) not in self.offers:
+                raise SimError(404, "no_such_ask", f"Offer {offer_id} not found.")
+            self._demand[int(offer_id)] = {"on_demand": int(on_demand), "bids": [float(b) for b in bids]}
+            self.log.info("offer %s: other renters %s", offer_id, self._demand[int(offer_id)])
+            self._settle_market(int(offer_id))
+            self._save()
+
+    def add_traffic(self, instance_id: int, up_bytes: float = 0.0, down_bytes: float = 0.0) -> None:
+        """Count bandwidth against an instance (billed at its offer's inet_up_cost / inet_down_cost $/GB)."""
+        with self._lock:
+            inst = self._instance(instance_id)
+            inst.bytes_up += float(up_bytes)
+            inst.bytes_down += float(down_bytes)
             self._save()
 
     def reboot_instance(self, instance_id: int) -> None:
@@ -308,15 +423,19 @@ class Simulator:
                 raise SimError(400, "instance_offline", f"Instance {inst.id} is on an offline host.")
             inst.interrupt("stopped", "rebooting")
             inst.boot()
+            self._settle_market(inst.offer["id"])
             self._save()
 
     def destroy_instance(self, instance_id: int) -> None:
         with self._lock:
             inst = self._instance(instance_id)
-            if self.faults.take_destroy_failure():
+            if self.faults.take_destroy_failure() or self.faults.for_offer(inst.offer["id"]).destroy_fails:
                 self.log.info("instance %s: destroy failed (fault)", inst.id)
                 raise SimError(500, "server_error", "Internal error while destroying the instance; try again.")
             inst.destroy("destroyed via API")
+            if self.faults.for_offer(inst.offer["id"]).gone_once_rented:
+                inst.offer["rentable"] = True          # the machine is free again
+            self._settle_market(inst.offer["id"])
             self._save()
 
     def attach_ssh_key(self, instance_id: int, key: str) -> bool:
@@ -411,6 +530,12 @@ class Simulator:
             inst = self._instances[int(instance_id)]
         return inst.host.pids()
 
+    def sftp_reading(self, instance_id: int) -> bool:
+        """Whether a slowed SFTP read (fault slow_sftp_read_s) of the instance is under way: a pull in progress."""
+        with self._lock:
+            inst = self._instances[int(instance_id)]
+        return inst.host.sftp_busy_marker.exists()
+
     def instance_home(self, instance_id: int) -> Path:
         with self._lock:
             return self._instances[int(instance_id)].host.home
@@ -418,7 +543,9 @@ class Simulator:
     def preempt(self, instance_id: int) -> None:
         """The host takes the GPUs back: `exited`, all processes and sshd killed."""
         with self._lock:
-            self._instance(instance_id).interrupt("exited", PREEMPTED_MSG)
+            inst = self._instance(instance_id)
+            inst.interrupt("exited", PREEMPTED_MSG)
+            self._settle_market(inst.offer["id"])
             self._save()
 
     def go_offline(self, instance_id: int) -> None:

@@ -11,6 +11,8 @@ Events are plain dicts with a "kind":
   {"kind": "attempt", <attempts-table columns>: host, hardware, gpu_index, pid, pid_start_time, instance_id}
   {"kind": "metrics", "rows": [ {"step": int, "time": float, ...}, ... ]}     # new metrics.jsonl lines
   {"kind": "health", "samples": [GpuSample as dict, ...]}                     # GPU health where the arm runs
+      optional "host": str, "host_memory_ratio": float                        # that host's memory in use (0..1)
+  {"kind": "energy", "joules": float}          # the attempt's energy, read on another host than the driver's
   {"kind": "event", "event": "watchdog.breach"|..., **detail}                  # a ledger event
 """
 

@@ -10,11 +10,23 @@ Nor to the driver's files: a task on a node that does not see the arm run's
 folder runs the trainer in a node-local folder, gets the upstream artifacts and
 the checkpoint to resume from as Ray objects, and sends the checkpoint (when it
 changes) and at the end every output back for the driver to write
-(orchestrator/backends/transfer.py).
+(orchestrator/backends/transfer.py). A cluster the driver joins gets the code as
+the job's runtime_env working_dir (transfer.code_runtime_env), so no node needs
+the project at the driver's path. A task on another host than the driver's reads
+that host's GPU health, memory and energy itself and sends them as events
+(telemetry.gpu.NodeTelemetry), as a rented host does; on the driver's host the
+scheduler reads them.
 
 Stopping: the driver marks the attempt in a small `StopBoard` actor; the task
 sees it within half a second, sends SIGTERM to the trainer's process group
 (the trainer checkpoints and exits 143) and reports the outcome.
+
+A Ray that dies under the run (its GCS or raylet killed, or the cluster's head
+gone) is noticed within a second by `RayWatch`: every attempt in flight returns
+`interrupted` at once instead of waiting for Ray's own timeouts, and `down`
+says why, so the scheduler stops the run as interrupted without using up any
+arm's retries. The trainers lose their Ray worker, get SIGTERM (PDEATHSIG) and
+checkpoint.
 """
 
 from __future__ import annotations
@@ -42,11 +54,15 @@ from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
 from orchestrator.metrics_tail import JsonlTail, log_tail
 from orchestrator.paths import REPO_ROOT
 from orchestrator.procs import process_start_time
+from orchestrator.telemetry.gpu import NodeTelemetry
 
 EXIT_DIVERGED = 3                      # trainers/common.py: the trainer contract
 STOP_GRACE_SECONDS = 120               # a trainer gets this long to checkpoint after SIGTERM
 POLL_SECONDS = 1.0                     # metrics and stop requests; a trainer that exits is seen at once
 CHECKPOINT_SHIP_SECONDS = 5.0          # a node without the driver's files sends a new checkpoint at most this often
+NODE_HEALTH_SECONDS = 5.0              # a task on another host than the driver's sends its health this often
+RAY_WATCH_SECONDS = 0.5                # how often the Ray under the run is checked for life
+GCS_UNREACHABLE_CHECKS = 6             # a named cluster's head refusing this many checks in a row is gone
 
 
 @ray.remote(num_cpus=0)
@@ -112,7 +128,7 @@ def _attempt_task(spec: AttemptSpec, board, inputs: dict):
     workdir = None if shared else Path(tempfile.mkdtemp(prefix=f"armature-{spec.run_id}-{spec.attempt_id}-"))
     try:
         out = Path(spec.out_dir) if shared else _fill_workdir(workdir, spec, inputs)
-        yield from _run_trainer(spec, board, out, ship=not shared)
+        yield from _run_trainer(spec, board, out, ship=not shared, driver_host=inputs["driver_host"])
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -135,28 +151,34 @@ def _fill_workdir(workdir: Path, spec: AttemptSpec, inputs: dict) -> Path:
     return out
 
 
-def _run_trainer(spec: AttemptSpec, board, out: Path, ship: bool):
+def _run_trainer(spec: AttemptSpec, board, out: Path, ship: bool, driver_host: str):
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    # The code this task was imported from: on a cluster the driver joined, this node's copy of the job's
+    # runtime_env working_dir (Ray puts it first on the path), else this checkout.
+    code = REPO_ROOT
     env = {**os.environ, **spec.env,
            "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids),
            "OMP_NUM_THREADS": str(max(1, int(spec.cpus))),
-           "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1"}
+    host = socket.gethostname()
+    telemetry = NodeTelemetry(gpu_ids, spec.cpus, host) if host != driver_host else None
     with open(out / "log", "ab") as log:
-        log.write(f"\n=== attempt {spec.attempt_id} on {socket.gethostname()} at {time.ctime()} ===\n".encode())
+        log.write(f"\n=== attempt {spec.attempt_id} on {host} at {time.ctime()} (code in {code}) ===\n".encode())
         log.flush()
         child = subprocess.Popen(
             [sys.executable, "-m", f"trainers.{spec.trainer}", "--config", str(out / "config.json"), "--out", str(out)],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent)
     yield {"kind": "attempt", "pid": child.pid, "pid_start_time": process_start_time(child.pid),
-           "host": socket.gethostname(), "ray_node": ray.get_runtime_context().get_node_id(),
+           "host": host, "ray_node": ray.get_runtime_context().get_node_id(),
            "hardware": _hardware(gpu_ids), "gpu_index": ",".join(gpu_ids) or None}
     yield {"kind": "state", "state": "running", "reason": None}
 
     metrics = JsonlTail(out / "metrics.jsonl")
     checkpoint = _CheckpointWatch(out)
     stop_sent_at = None
+    health_sent_at = 0.0
     try:
         while True:
             try:
@@ -168,6 +190,9 @@ def _run_trainer(spec: AttemptSpec, board, out: Path, ship: bool):
                 yield {"kind": "metrics", "rows": rows}
             if code is not None:
                 break
+            if telemetry is not None and time.time() - health_sent_at >= NODE_HEALTH_SECONDS:
+                health_sent_at = time.time()
+                yield telemetry.health_event()
             if ship and checkpoint.changed(min_interval=CHECKPOINT_SHIP_SECONDS):
                 yield {"kind": "files", "files": transfer.read_files(out, transfer.RESUME_FILES)}
             if stop_sent_at is None and ray.get(board.should_stop.remote(spec.attempt_id)):
@@ -185,6 +210,8 @@ def _run_trainer(spec: AttemptSpec, board, out: Path, ship: bool):
 
     if ship:
         yield {"kind": "files", "files": transfer.read_outputs(out)}
+    if telemetry is not None and (energy := telemetry.energy_event()) is not None:
+        yield energy
     end_step = metrics.last_step
     if code == 0:
         result = AttemptResult("succeeded", code, None, end_step)
@@ -234,11 +261,53 @@ def _exit_reason(code: int) -> str:
     return f"trainer exited {code}"
 
 
+class RayWatch:
+    """Notices a dead Ray at once. For a Ray this process started: its GCS server or raylet has exited. For a
+    cluster the user named: its head's GCS port refuses connections several checks in a row."""
+
+    def __init__(self, started_here: bool, address: str | None):
+        self.started_here = started_here
+        self.address = address
+        self.down: str | None = None
+        self._refused = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True, name="ray-watch").start()
+
+    def _watch(self) -> None:
+        while self.down is None and not self._stop.wait(RAY_WATCH_SECONDS):
+            self.down = self._check()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _check(self) -> str | None:
+        if self.started_here:
+            from ray._private import worker
+            node = worker._global_node
+            if node is None:
+                return None
+            for kind, process in node.dead_processes():
+                if kind in (ray_constants.PROCESS_TYPE_GCS_SERVER, ray_constants.PROCESS_TYPE_RAYLET):
+                    return f"the local Ray died ({kind} {_exit_reason(process.returncode).replace('trainer ', '')})"
+            return None
+        host, _, port = (self.address or "").rpartition(":")
+        if not host or not port.isdigit():
+            return None
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            self._refused = 0
+        except OSError as exc:
+            self._refused += 1
+            if self._refused >= GCS_UNREACHABLE_CHECKS:
+                return f"the Ray cluster at {self.address} stopped answering ({exc})"
+        return None
+
+
 def _inputs(spec: AttemptSpec, out: Path) -> dict:
     """What the attempt's task reads where the driver's files are not: Ray objects it fetches only there."""
     upstream = {dir_field: ray.put(transfer.read_file(Path(folder), "", "artifact.pt"))
                 for dir_field, folder in spec.upstream_dirs.items()}
-    return {"mark": transfer.place_mark(out), "upstream": upstream,
+    return {"mark": transfer.place_mark(out), "upstream": upstream, "driver_host": socket.gethostname(),
             "resume": ray.put(transfer.read_files(out, transfer.RESUME_FILES))}
 
 
@@ -252,7 +321,13 @@ class LocalBackend:
         self.num_cpus = num_cpus
         self._board = None
         self._started_ray = False
+        self._watch: RayWatch | None = None
         self._task = ray.remote(_attempt_task)
+
+    @property
+    def down(self) -> str | None:
+        """Why the Ray under the run is gone, once it is (every attempt in flight then ends interrupted)."""
+        return self._watch.down if self._watch is not None else None
 
     def start(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -260,7 +335,7 @@ class LocalBackend:
             quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False,
                          configure_logging=True)
             if self.ray_address:
-                ray.init(address=self.ray_address, **quiet)
+                ray.init(address=self.ray_address, runtime_env=transfer.code_runtime_env(), **quiet)
             else:
                 # "local": a Ray of our own, even where another one runs (ray.init() alone would join it),
                 # reachable from this machine only (unauthenticated, it would run anyone's code)
@@ -268,9 +343,21 @@ class LocalBackend:
                     ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), **quiet)
                 self._started_ray = True
         self._board = StopBoard.remote()
+        self._watch = RayWatch(self._started_ray, None if self._started_ray else ray.get_runtime_context().gcs_address)
 
     def resources(self) -> dict:
         return ray.cluster_resources()
+
+    def never_fits(self, cpus: float, gpus: float) -> str | None:
+        """Why no node of the Ray can ever hold one arm run of this size (None when one can). A Ray task runs
+        on one node, so the largest node counts, not the cluster's sum."""
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        if any(node.get("CPU", 0) >= cpus and node.get("GPU", 0) >= gpus for node in nodes):
+            return None
+        largest = max(nodes, key=lambda node: (node.get("GPU", 0), node.get("CPU", 0)), default={})
+        where = "this machine" if self._started_ray else f"the largest node of the Ray cluster at {self.ray_address}"
+        return (f"each arm run asks for {cpus:g} CPUs and {gpus:g} GPUs (spec resources), but {where} has "
+                f"{largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} GPUs")
 
     def max_concurrent(self, cpus: float, gpus: float) -> int:
         """As many as the cluster's CPUs (and GPUs) hold, so no attempt waits inside Ray's queue."""
@@ -285,15 +372,16 @@ class LocalBackend:
         out.mkdir(parents=True, exist_ok=True)
         config = {**spec.config, **spec.upstream_dirs}
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        task = self._task.options(num_cpus=spec.cpus, num_gpus=spec.gpus, num_returns="streaming")
+        # max_retries=0: a task lost with its node ends this attempt; the scheduler retries the arm run as a new
+        # attempt from the driver's copy of its checkpoint (Ray would rerun it from the inputs it was given)
+        task = self._task.options(num_cpus=spec.cpus, num_gpus=spec.gpus, num_returns="streaming", max_retries=0)
         stream = task.remote(spec, self._board, _inputs(spec, out))
         done = threading.Event()
         threading.Thread(target=self._forward_stop, args=(spec.attempt_id, stop, done), daemon=True).start()
         result = AttemptResult("lost", None, "the Ray task ended without a result")
         unrecorded = None                   # why the driver could not take an event, once it could not
         try:
-            for ref in stream:
-                event = ray.get(ref)
+            for event in self._events(stream):
                 if event["kind"] == "result":
                     result = event["result"]
                 elif unrecorded is None or event["kind"] == "files":    # a stopped trainer's checkpoint too
@@ -307,8 +395,13 @@ class LocalBackend:
                         # task to end, so the arm run's next attempt never runs beside it in the same folder.
                         unrecorded = unrecorded or f"{type(exc).__name__}: {str(exc)[:300]}"
                         ray.get(self._board.stop.remote(spec.attempt_id))
+        except RayDown as exc:
+            result = AttemptResult("interrupted", None, str(exc))
         except ray.exceptions.RayError as exc:
-            result = AttemptResult("lost", None, f"Ray task lost: {type(exc).__name__}: {str(exc)[:300]}")
+            if self.down:
+                result = AttemptResult("interrupted", None, self.down)
+            else:
+                result = AttemptResult("lost", None, f"Ray task lost: {type(exc).__name__}: {str(exc)[:300]}")
         finally:
             done.set()
             (out / transfer.DRIVER_MARK).unlink(missing_ok=True)
@@ -316,6 +409,23 @@ class LocalBackend:
             return AttemptResult("lost", result.exit_code, f"the orchestrator could not record an event of this "
                                  f"attempt ({unrecorded}); its trainer was stopped", result.end_step)
         return result
+
+    def _events(self, stream):
+        """The attempt task's events as they come; raises RayDown as soon as the Ray under the run is gone
+        (a blocking read would wait for Ray's own timeouts, about a minute)."""
+        while True:
+            if stream.next_ready():
+                try:
+                    ref = next(stream)
+                except StopIteration:
+                    return
+                yield ray.get(ref)
+            elif stream.is_finished():
+                return
+            elif self.down:
+                raise RayDown(self.down)
+            else:
+                time.sleep(0.1)
 
     def _forward_stop(self, attempt_id: int, stop: threading.Event, done: threading.Event) -> None:
         while not stop.wait(POLL_SECONDS):
@@ -327,5 +437,16 @@ class LocalBackend:
             pass                    # Ray is shutting down: the trainer gets SIGTERM when its worker dies
 
     def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+        if self.down:
+            # Ray's teardown, or ending its raylet, with the GCS gone can crash this process (SIGSEGV in Ray's
+            # core worker): leave what is left of our Ray alone; its raylet ends by itself once it gives up on
+            # the GCS, and the CLI leaves without Ray's exit handlers.
+            return
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
+
+
+class RayDown(Exception):
+    """The Ray under the run died while an attempt ran."""

@@ -1,10 +1,14 @@
-"""Moving an attempt's files between the driver and a Ray node that does not share its filesystem.
+"""Moving an attempt's files (and the code) between the driver and a Ray node that does not share its filesystem.
 
 An attempt's files travel as Ray objects, never as paths: the driver hands the node what the trainer
 reads (upstream artifacts, and the arm run's last checkpoint, metrics and log to resume from), and the
 node sends back what the trainer writes (the checkpoint whenever it changes, and at the end the summary,
 samples, log, metrics and artifact). The driver writes what comes back into the arm run's folder,
 each file atomically and only after its sha256 matches, under a plain name in one of a few fixed places.
+
+The code reaches the nodes of a cluster the driver joins through Ray's `runtime_env`: this checkout's
+tree (what the driver itself runs) as the job's `working_dir`, without the virtualenv, runs and git
+history. Each node unpacks it once and starts the attempt tasks, and so the trainers, inside it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import os
 import re
 import uuid
 from pathlib import Path
+
+from orchestrator import paths
 
 # the places inside an attempt folder a file may come back to ("" is the folder itself)
 PLACES = ("", "checkpoints", "samples")
@@ -25,6 +31,20 @@ RESUME_FILES = (CHECKPOINT, ("", "metrics.jsonl"), ("", "log"))          # read 
 FINAL_FILES = (("", "summary.json"), ("", "artifact.pt"), ("", "metrics.jsonl"), ("", "log"), CHECKPOINT)
 
 DRIVER_MARK = ".driver-mark"            # a nonce the driver leaves in the arm run folder for one attempt
+
+
+# never shipped to the nodes, besides what .gitignore names (Ray honours it): gitignore-style patterns
+CODE_EXCLUDES = [".git", ".venv", "venv", "runs", ".pytest_cache", ".cache", "build", "*.egg-info",
+                 "__pycache__", "*.pyc"]
+
+
+def code_runtime_env() -> dict:
+    """The runtime_env that brings this checkout's code to every node of a cluster the driver joins."""
+    excludes = list(CODE_EXCLUDES)
+    home = paths.home()
+    if home.is_relative_to(paths.REPO_ROOT) and home != paths.REPO_ROOT and home.name != "runs":
+        excludes.append("/" + home.relative_to(paths.REPO_ROOT).as_posix())     # ARMATURE_HOME inside the tree
+    return {"working_dir": str(paths.REPO_ROOT), "excludes": excludes}
 
 
 class BadTransfer(Exception):

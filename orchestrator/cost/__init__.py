@@ -5,6 +5,7 @@ and whether it matches what the provider billed.
     cost_lines(ledger, run_ids)                          the full model (model.py)
     reconcile / fetch_provider_charges                   estimate vs billed (reconcile.py)
     estimate_study / record_estimate                     before a run (estimate.py)
+    RaplMeter                                            CPU package energy of local CPU attempts (energy.py)
     cost_command(ledger, ...)                            `armature cost` (command.py, report.py)
 """
 

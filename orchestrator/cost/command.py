@@ -9,13 +9,14 @@ import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from orchestrator.backends.provision import BACKEND_NAMES, capabilities
 from orchestrator.cost.model import Rates
 from orchestrator.cost.report import FORMATS, render
 from orchestrator.cost.summary import build_report
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 
-BACKENDS = ("local", "vast")
+BACKENDS = BACKEND_NAMES
 _SPAN = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DATE_HELP = "use YYYY-MM-DD, 'YYYY-MM-DD HH:MM', an ISO 8601 time, 'today', or a span back from now like 7d or 12h"
@@ -122,7 +123,7 @@ def _cost(ledger: Ledger, run: str | None, since: float | None, until: float | N
     runs = ledger.query(f"SELECT * FROM runs WHERE {' AND '.join(where)} ORDER BY created_at", params)
 
     unowned: set[int] = set()
-    if run is None and backend in (None, "vast"):
+    if run is None and (backend is None or capabilities(backend).rents_instances):   # unowned instances
         sql, params = "SELECT id FROM instances WHERE run_id IS NULL", []
         if since is not None:
             sql, params = sql + " AND created_at >= ?", params + [since]

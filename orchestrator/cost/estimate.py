@@ -1,7 +1,8 @@
 """Pre-run cost estimates (for `armature validate`), and the estimate a run recorded in the ledger.
 
 An estimate is arm runs x expected hours x the price of what each arm run occupies:
-the chosen offer's $/h on Vast, or energy at an assumed GPU power locally. The
+the chosen offer's $/h on Vast, energy at an assumed GPU power locally, or the machine's
+$/h for a local CPU arm run. The
 orchestrator stores it as a `cost.estimate` event ({dollars, hours}) so that the
 cost report can put it beside what the run actually cost.
 """
@@ -70,10 +71,13 @@ def estimate_study(n_arm_runs: int, expected_hours_per_arm: float, dollars_per_h
 
 def local_dollars_per_hour(gpus_per_arm: float, watts_per_gpu: float = DEFAULT_GPU_WATTS,
                            rates: Rates | None = None) -> float:
-    """$/h of a local arm run: its GPUs' assumed power at $/kWh, plus the hardware price per GPU-hour."""
+    """$/h of a local arm run: its GPUs' assumed power at $/kWh, plus the hardware price per GPU-hour; a CPU arm
+    run the machine's $/h (at most what its share of the machine costs, see model.price_local_attempt)."""
     rates = rates or Rates.from_env()
     gpus = _check("GPUs per arm", gpus_per_arm)
     watts = _check("watts per GPU", watts_per_gpu)
+    if gpus == 0:
+        return rates.machine_dollars_per_hour
     return gpus * (watts * 3600 / JOULES_PER_KWH * rates.dollars_per_kwh + rates.hardware_dollars_per_gpu_hour)
 
 

@@ -19,8 +19,12 @@ cancelled is waste as a whole (one line named after its end state); so are boot,
 deploy and idle.
 
 An attempt without an instance ran on this machine (or a Ray cluster we do not
-rent): it costs its NVML energy reading at $/kWh plus an optional hardware price
-per GPU-hour. Without an energy reading its cost is unknown (None), never zero.
+rent): it costs its measured energy at $/kWh (NVML for a GPU attempt, RAPL for a
+CPU attempt's share of the CPU packages, see energy.py) plus an optional hardware
+price per GPU-hour. Without an energy reading it costs machine time: its wall hours
+x the machine's $/h (ARMATURE_MACHINE_DOLLARS_PER_HOUR) x its share of the machine
+(the CPUs it holds over the machine's cores; a GPU attempt takes the whole machine).
+Each line says which (`priced_by`); a local line is never of unknown cost.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from orchestrator.backends.provision import capabilities
+from orchestrator.cost.energy import cpu_share, machine_cpus
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 
@@ -48,14 +54,20 @@ _BILLED_SQL = "NOT (provider_instance_id IS NULL AND state IN ('failed', 'failed
 
 @dataclass(frozen=True)
 class Rates:
-    """Prices for hardware we do not rent: electricity and (optionally) the machine itself."""
+    """Prices for hardware we do not rent: electricity, (optionally) the GPUs themselves, and the machine's time
+    where no energy was measured (a 2-core cloud VM or a desktop's power and wear: about $0.10/h)."""
     dollars_per_kwh: float = 0.30
     hardware_dollars_per_gpu_hour: float = 0.0
+    machine_dollars_per_hour: float = 0.10
+    machine_cpus: int | None = None            # cores of the machine local attempts ran on; None: this one's
 
     @classmethod
     def from_env(cls) -> "Rates":
-        """Rates from ARMATURE_DOLLARS_PER_KWH and ARMATURE_HARDWARE_DOLLARS_PER_GPU_HOUR (defaults otherwise)."""
+        """Rates from ARMATURE_DOLLARS_PER_KWH, ARMATURE_HARDWARE_DOLLARS_PER_GPU_HOUR and
+        ARMATURE_MACHINE_DOLLARS_PER_HOUR (defaults otherwise)."""
         return cls(dollars_per_kwh=_env_float("ARMATURE_DOLLARS_PER_KWH", cls.dollars_per_kwh),
+                   machine_dollars_per_hour=_env_float("ARMATURE_MACHINE_DOLLARS_PER_HOUR",
+                                                       cls.machine_dollars_per_hour),
                    hardware_dollars_per_gpu_hour=_env_float("ARMATURE_HARDWARE_DOLLARS_PER_GPU_HOUR",
                                                             cls.hardware_dollars_per_gpu_hour))
 
@@ -77,8 +89,7 @@ def _env_float(name: str, default: float) -> float:
 
 def current_spend(ledger: Ledger, run_id: str, now: float | None = None, rates: Rates | None = None) -> float:
     """Dollars a run has cost so far: its instances' $/h over their lives (running ones up to
-    `now`) plus the energy of its local attempts. Local attempts without an energy reading
-    count as zero here (a lower bound); `cost_lines` reports them as unknown."""
+    `now`) plus its local attempts, priced as `price_local_attempt` prices them."""
     now = time.time() if now is None else now
     rates = rates or Rates.from_env()
     rented = ledger.query_one(
@@ -88,12 +99,17 @@ def current_spend(ledger: Ledger, run_id: str, now: float | None = None, rates: 
     local = ledger.query_one(
         "SELECT COALESCE(SUM(a.energy_joules), 0) AS joules,"
         " COALESCE(SUM(r.gpus * MAX(0, MIN(COALESCE(a.ended_at, ?1), ?1) - a.started_at)), 0) / 3600.0"
-        " AS gpu_hours"
+        " AS gpu_hours,"
+        " COALESCE(SUM(CASE WHEN a.energy_joules IS NOT NULL THEN 0"
+        "  ELSE MAX(0, MIN(COALESCE(a.ended_at, ?1), ?1) - a.started_at)"
+        "   * (CASE WHEN r.gpus > 0 OR COALESCE(r.cpus, 0) <= 0 THEN 1.0 ELSE MIN(1.0, r.cpus * 1.0 / ?3) END)"
+        "  END), 0) / 3600.0 AS machine_hours"
         " FROM attempts a JOIN arm_runs r ON a.arm_run_id = r.id"
         " WHERE r.run_id = ?2 AND a.instance_id IS NULL AND a.backend != 'vast'",
-        (now, run_id))
+        (now, run_id, rates.machine_cpus or machine_cpus()))
     return (rented + local["joules"] / JOULES_PER_KWH * rates.dollars_per_kwh
-            + local["gpu_hours"] * rates.hardware_dollars_per_gpu_hour)
+            + local["gpu_hours"] * rates.hardware_dollars_per_gpu_hour
+            + local["machine_hours"] * rates.machine_dollars_per_hour)
 
 
 def burn_rate(ledger: Ledger, run_id: str | None = None) -> float:
@@ -128,6 +144,7 @@ class CostLine:
     provider_instance_id: str | None = None
     still_running: bool = False    # priced up to now: the instance or attempt has not ended
     energy_joules: float | None = None
+    priced_by: str = "rent"        # rent (instance $/h), energy (measured, local) or machine time (local)
 
     @property
     def dollars_per_hour(self) -> float | None:
@@ -242,16 +259,19 @@ def price_instance(instance: dict, attempts: list[dict], now: float) -> list[Cos
 
 
 def price_local_attempt(attempt: dict, rates: Rates, now: float) -> CostLine:
-    """A local attempt: NVML energy at $/kWh plus hardware $/GPU-hour; unknown without energy."""
+    """A local attempt: measured energy at $/kWh, else its share of the machine's time at $/h; plus hardware
+    $/GPU-hour."""
     end = attempt["ended_at"] if attempt["ended_at"] is not None else max(now, attempt["started_at"])
     hours = max(0.0, end - attempt["started_at"]) / 3600
     gpu_hours = float(attempt["gpus"] or 0) * hours
     joules = attempt["energy_joules"]
-    rented_elsewhere = attempt["backend"] == "vast"   # instance not recorded: its cost is on instance lines
+    rented_elsewhere = capabilities(attempt["backend"]).rents_instances   # its cost is on instance lines
+    priced_by = "rent" if rented_elsewhere else "machine time" if joules is None else "energy"
     if rented_elsewhere:
         dollars = 0.0
     elif joules is None:
-        dollars = None
+        share = 1.0 if attempt["gpus"] else cpu_share(attempt["cpus"], rates.machine_cpus)
+        dollars = hours * share * rates.machine_dollars_per_hour + gpu_hours * rates.hardware_dollars_per_gpu_hour
     else:
         dollars = joules / JOULES_PER_KWH * rates.dollars_per_kwh + gpu_hours * rates.hardware_dollars_per_gpu_hour
     in_waste = attempt["state"] in WASTE_STATES
@@ -260,7 +280,7 @@ def price_local_attempt(attempt: dict, rates: Rates, now: float) -> CostLine:
                     arm=attempt["arm"], arm_kind=attempt["arm_kind"], seed=attempt["seed"],
                     arm_run_id=attempt["arm_run_id"], attempt_id=attempt["id"], attempt_n=attempt["n"],
                     attempt_state=attempt["state"], still_running=attempt["ended_at"] is None,
-                    energy_joules=joules)
+                    energy_joules=joules, priced_by=priced_by)
 
 
 def _in_clause(column: str, values) -> tuple[str, list]:
@@ -269,7 +289,7 @@ def _in_clause(column: str, values) -> tuple[str, list]:
 
 
 _ATTEMPTS_SQL = (
-    "SELECT a.*, r.run_id, r.arm, r.kind AS arm_kind, r.seed, r.gpus,"
+    "SELECT a.*, r.run_id, r.arm, r.kind AS arm_kind, r.seed, r.gpus, r.cpus,"
     " (SELECT MIN(t.at) FROM transitions t WHERE t.arm_run_id = a.arm_run_id AND t.attempt_id = a.id"
     "  AND t.to_state = 'running') AS running_at"
     " FROM attempts a JOIN arm_runs r ON a.arm_run_id = r.id")

@@ -7,20 +7,36 @@ finds a bigger bill (an instance still running) adds the difference as an adjust
 row, and one that finds the same bill adds nothing, so the rows of an instance always
 sum to its latest bill.
 
-`reconcile` puts each instance's billed sum beside the model's estimate and flags
-differences above both a relative and an absolute threshold.
+`reconcile` puts each instance's billed sum beside what the ledger says Vast should bill
+(`expected_bill`, Vast's rules as vast-api.md states them) and flags differences above both
+a relative (1%) and an absolute threshold, each with its reason:
+
+  GPU        dph_total $/h (the bid of an interruptible rental) for every second the instance
+             was `running`: the periods `instance.status` events record (`observe_instance`),
+             else ready_at until the first stop / exit / destroy the ledger has
+  storage    disk_gb x storage_cost $/GB/month for every second from the create request to the
+             confirmed destroy (stopped, exited and loading included)
+  bandwidth  not metered by armature: a billed amount shows up as a flagged difference
+
+Contracted rates the ledger lacks (disk_gb, storage_cost of instances recorded before those
+columns) are taken from the charge line's own breakdown; the times never are.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
-from orchestrator.cost.model import instance_cost, instance_end, instance_is_billed
+from orchestrator.cost.model import instance_end, instance_is_billed
 from orchestrator.ledger import Ledger
 
 PROVIDER = "provider"
-DEFAULT_THRESHOLD_RATIO = 0.05
+DEFAULT_THRESHOLD_RATIO = 0.01
+MONTH_S = 30 * 24 * 3600.0          # Vast's storage month
+STATUS_EVENT = "instance.status"
+# Statuses that end a running (GPU-billed) period.
+_GPU_STOPS = ("stopped", "exited", "offline", "destroyed")
 DEFAULT_THRESHOLD_DOLLARS = 0.01
 _DAY_S = 86400
 # A bill fetched this long after the destroy was confirmed is final: later fetches skip the instance.
@@ -37,6 +53,7 @@ class InstanceReconciliation:
     billed_dollars: float | None        # None when no provider charge is recorded yet
     still_running: bool
     flagged: bool
+    reason: str | None = None           # why a flagged bill differs, part by part
 
     @property
     def difference(self) -> float | None:
@@ -67,7 +84,7 @@ class InstanceReconciliation:
 def is_mismatch(estimated: float, billed: float, threshold_ratio: float = DEFAULT_THRESHOLD_RATIO,
                 threshold_dollars: float = DEFAULT_THRESHOLD_DOLLARS) -> bool:
     """A difference counts when it is above both the relative and the absolute threshold."""
-    difference = abs(billed - estimated)
+    difference = abs(billed - estimated) - 1e-9      # a difference of exactly the threshold passes
     return difference > threshold_dollars and difference > threshold_ratio * abs(estimated)
 
 
@@ -97,7 +114,9 @@ def reconcile(ledger: Ledger, run_id: str | None = None, *, now: float | None = 
     for instance in instances:
         if not instance_is_billed(instance) and instance["id"] not in billed:
             continue
-        estimate = instance_cost(instance, now)
+        breakdown = bill_breakdown(ledger, instance["id"])
+        expected = expected_bill(instance, status_changes(ledger, instance["id"]), now, breakdown)
+        estimate = None if expected is None else expected.dollars
         bill = billed.get(instance["id"])
         still_running = instance_end(instance, now)[1]
         flagged = (estimate is not None and bill is not None and not still_running
@@ -105,8 +124,139 @@ def reconcile(ledger: Ledger, run_id: str | None = None, *, now: float | None = 
         results.append(InstanceReconciliation(
             instance_id=instance["id"], provider_instance_id=instance["provider_instance_id"],
             run_id=instance["run_id"], estimated_dollars=estimate, billed_dollars=bill,
-            still_running=still_running, flagged=flagged))
+            still_running=still_running, flagged=flagged,
+            reason=mismatch_reason(expected, bill, breakdown, threshold_ratio) if flagged else None))
     return results
+
+
+# ---- what Vast should bill, from the ledger ----------------------------------------------
+
+@dataclass
+class ExpectedBill:
+    gpu_seconds: float
+    gpu_dollars: float
+    storage_seconds: float
+    storage_dollars: float
+
+    @property
+    def dollars(self) -> float:
+        return self.gpu_dollars + self.storage_dollars
+
+
+def observe_instance(ledger: Ledger, instance_id: int, info: dict | None, now: float | None = None) -> str | None:
+    """Record what a show-instance row says about billing, when it changed: the instance started running
+    (dated by its `uptime_mins`), was stopped (by us, or outbid while `intended_status` stays running),
+    exited or went offline, or is gone (None). Backends call this with every row they poll. Returns the
+    status recorded, or None when nothing changed."""
+    now = time.time() if now is None else now
+    status = "destroyed" if info is None else info.get("actual_status")
+    changes = status_changes(ledger, instance_id)
+    last = changes[-1][1] if changes else None
+    if status not in ("running", *_GPU_STOPS) or status == last:
+        return None
+    at = now
+    if status == "running" and info.get("uptime_mins") is not None:
+        at = now - 60.0 * float(info["uptime_mins"])
+    if status == "stopped" and info.get("intended_status") == "running":
+        status = "outbid"       # billed like a stop; the backend treats it as a preemption
+        if last == "outbid":
+            return None
+    record_instance_status(ledger, instance_id, status, at)
+    return status
+
+
+def record_instance_status(ledger: Ledger, instance_id: int, status: str, at: float) -> None:
+    """An `instance.status` event, and the instance's stopped_at / exited_at column for a stop or exit."""
+    row = ledger.instance(instance_id)
+    column = {"stopped": "stopped_at", "outbid": "stopped_at", "exited": "exited_at"}.get(status)
+    if column:
+        ledger.update_instance(instance_id, **{column: at})
+    ledger.event(row["run_id"] if row else None, STATUS_EVENT, instance_id=instance_id, status=status, at=at)
+
+
+def status_changes(ledger: Ledger, instance_id: int) -> list[tuple[float, str]]:
+    """(at, status) of an instance's recorded status moves, oldest first."""
+    rows = ledger.query("SELECT detail_json FROM events WHERE kind = ? AND json_extract(detail_json, '$.instance_id') = ?",
+                        (STATUS_EVENT, instance_id))
+    changes = [(float(d["at"]), d["status"]) for d in (json.loads(r["detail_json"]) for r in rows)]
+    return sorted(changes)
+
+
+def running_periods(instance: dict, changes: list[tuple[float, str]], end: float) -> list[tuple[float, float]]:
+    """When the GPU was billed: from recorded status moves, else from ready_at to the first stop, exit or end."""
+    if not changes:
+        if instance["ready_at"] is None:
+            return []
+        stops = [t for t in (instance["stopped_at"], instance["exited_at"]) if t is not None and t >= instance["ready_at"]]
+        return [(instance["ready_at"], min([end, *stops]))]
+    periods, opened = [], None
+    for at, status in changes:
+        if status == "running" and opened is None:
+            opened = at
+        elif status != "running" and opened is not None:
+            periods.append((opened, min(at, end)))
+            opened = None
+    if opened is not None:
+        periods.append((opened, end))
+    return [(start, stop) for start, stop in periods if stop > start]
+
+
+def expected_bill(instance: dict, changes: list[tuple[float, str]], now: float,
+                  breakdown: dict | None = None) -> ExpectedBill | None:
+    """What Vast should bill an instance by the ledger's times; None without a contracted $/h."""
+    if not instance_is_billed(instance):
+        return ExpectedBill(0.0, 0.0, 0.0, 0.0)
+    if instance["dph_total"] is None:
+        return None
+    end, _ = instance_end(instance, now)
+    gpu_seconds = sum(stop - start for start, stop in running_periods(instance, changes, end))
+    storage_seconds = end - instance["created_at"]
+    disk_gb = instance["disk_gb"] if instance["disk_gb"] is not None else (breakdown or {}).get("disk_gb")
+    storage_cost = (instance["storage_cost"] if instance["storage_cost"] is not None
+                    else (breakdown or {}).get("storage_cost"))
+    storage_dollars = (disk_gb or 0.0) * (storage_cost or 0.0) * storage_seconds / MONTH_S
+    return ExpectedBill(gpu_seconds=gpu_seconds, gpu_dollars=instance["dph_total"] * gpu_seconds / 3600,
+                        storage_seconds=storage_seconds, storage_dollars=storage_dollars)
+
+
+def bill_breakdown(ledger: Ledger, instance_id: int) -> dict | None:
+    """The parts of an instance's latest fetched bill (GPU, storage, bandwidth), when the provider gave them."""
+    row = ledger.query_one("SELECT detail_json FROM charges WHERE source = ? AND instance_id = ?"
+                           " ORDER BY recorded_at DESC, id DESC LIMIT 1", (PROVIDER, instance_id))
+    return None if row is None else json.loads(row["detail_json"]).get("breakdown")
+
+
+def mismatch_reason(expected: ExpectedBill | None, bill: float | None, breakdown: dict | None,
+                    threshold_ratio: float = DEFAULT_THRESHOLD_RATIO) -> str:
+    """Which part of a bill differs from the ledger's account, and what probably caused it."""
+    if expected is None or bill is None:
+        return "nothing to compare"
+    total = f"billed ${bill:.4f} against ${expected.dollars:.4f} expected"
+    if not breakdown:
+        return f"{total}; the charge gives no breakdown"
+
+    def differs(billed: float, wanted: float) -> bool:
+        return abs(billed - wanted) > max(threshold_ratio * abs(wanted), 1e-9) and abs(billed - wanted) > 1.0
+
+    reasons = []
+    gpu_s = breakdown.get("gpu_seconds")
+    if gpu_s is not None and differs(gpu_s, expected.gpu_seconds):
+        hint = ("a stop, exit or outbid the ledger did not record" if gpu_s < expected.gpu_seconds
+                else "running before the ledger saw it ready, or after a stop it recorded")
+        reasons.append(f"GPU billed for {gpu_s:.0f} s, the ledger has it running {expected.gpu_seconds:.0f} s ({hint})")
+    storage_s = breakdown.get("storage_seconds")
+    if storage_s is not None and differs(storage_s, expected.storage_seconds):
+        hint = ("destroyed later than the ledger confirmed it" if storage_s > expected.storage_seconds
+                else "the ledger confirmed the destroy late")
+        reasons.append(f"storage billed for {storage_s:.0f} s, the ledger has the instance alive "
+                       f"{expected.storage_seconds:.0f} s ({hint})")
+    bandwidth = breakdown.get("bandwidth_amount") or 0.0
+    if bandwidth > threshold_ratio * max(expected.dollars, 1e-9):
+        reasons.append(f"bandwidth ${bandwidth:.4f} billed, which armature does not meter")
+    rate = breakdown.get("dph_total")
+    if rate is not None and expected.gpu_seconds and abs(rate - expected.gpu_dollars * 3600 / expected.gpu_seconds) > 1e-6:
+        reasons.append(f"GPU billed at ${rate:g}/h, the ledger has ${expected.gpu_dollars * 3600 / expected.gpu_seconds:g}/h")
+    return "; ".join([total, *reasons]) if reasons else f"{total}; no single part explains it"
 
 
 # ---- fetching the provider's charges ------------------------------------------------------
@@ -169,6 +319,7 @@ def fetch_provider_charges(client, ledger: Ledger, run_id: str | None = None, *,
         delta = bill - instance["recorded"]
         if abs(delta) < 1e-9:
             continue
+        breakdown = charge_breakdown(lines)
         starts = [float(line["start"]) for line in lines if line.get("start") is not None]
         ends = [float(line["end"]) for line in lines if line.get("end") is not None]
         added.append(ledger.add_charge(
@@ -176,8 +327,33 @@ def fetch_provider_charges(client, ledger: Ledger, run_id: str | None = None, *,
             period_start=min(starts) if starts else None, period_end=max(ends) if ends else None,
             provider_instance_id=instance["provider_instance_id"], billed_total=bill,
             adjustment=instance["fetched_at"] is not None,
-            lines=[line.get("description") for line in lines]))
+            lines=[line.get("description") for line in lines], breakdown=breakdown))
     return added
+
+
+def charge_breakdown(lines: list[dict]) -> dict | None:
+    """GPU, storage and bandwidth of an instance's charge lines, from their items and metadata (None when the
+    lines carry neither)."""
+    items: dict[str, float] = {}
+    for line in lines:
+        for item in line.get("items") or []:
+            items[item.get("type")] = items.get(item.get("type"), 0.0) + float(item.get("amount") or 0)
+    meta = [line.get("metadata") or {} for line in lines]
+    if not items and not any("gpu_seconds" in m for m in meta):
+        return None
+
+    def total(key: str) -> float | None:
+        values = [float(m[key]) for m in meta if m.get(key) is not None]
+        return sum(values) if values else None
+
+    def first(key: str):
+        return next((m[key] for m in meta if m.get(key) is not None), None)
+
+    return {"gpu_amount": items.get("gpu", total("gpu_amount")),
+            "storage_amount": items.get("storage", total("storage_amount")),
+            "bandwidth_amount": items.get("bandwidth", total("bandwidth_amount")),
+            "gpu_seconds": total("gpu_seconds"), "storage_seconds": total("storage_seconds"),
+            "dph_total": first("dph_total"), "disk_gb": first("disk_gb"), "storage_cost": first("storage_cost")}
 
 
 def _settled(instance: dict) -> bool:

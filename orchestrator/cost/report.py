@@ -18,11 +18,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.cost.model import CostLine
+from orchestrator.cost.energy import machine_cpus
+from orchestrator.cost.model import CostLine, Rates
 from orchestrator.cost.summary import CostReport, Group, Study, Totals, money
 
 FORMATS = ("table", "csv", "json", "markdown")
-COLUMNS = ("Arm", "Attempts", "GPU-h", "$/h", "Cost", "Waste", "Share")
+COLUMNS = ("Arm", "Attempts", "Hours", "GPU-h", "$/h", "Cost", "Waste", "Share")
 
 
 def render(report: CostReport, fmt: str, *, detail: bool = False, console_width: int | None = None) -> str:
@@ -44,9 +45,7 @@ def _when(ts: float | None) -> str:
 
 
 def _cost_cell(totals: Totals) -> str:
-    if totals.unknown and totals.dollars == 0:
-        return "unknown"
-    return money(totals.dollars) + (" + ?" if totals.unknown else "")
+    return totals.cost_text
 
 
 def _share_cell(report: CostReport, dollars: float) -> str:
@@ -71,7 +70,8 @@ def _line_label(line: CostLine) -> str:
     if line.attempt_id is None:
         where = f"instance {line.instance_id}"
         return where + (f" (vast {line.provider_instance_id})" if line.provider_instance_id else "")
-    return f"seed {line.seed} #{line.attempt_n} {line.kind}"
+    priced = f" ({line.priced_by})" if line.priced_by != "rent" else ""
+    return f"seed {line.seed} #{line.attempt_n} {line.kind}{priced}"
 
 
 def _line_order(line: CostLine) -> tuple:
@@ -79,7 +79,7 @@ def _line_order(line: CostLine) -> tuple:
 
 
 def _row_cells(report: CostReport, label: str, totals: Totals, attempts: str) -> list[str]:
-    return [label, attempts, f"{totals.gpu_hours:.2f}", _rate_cell(totals), _cost_cell(totals),
+    return [label, attempts, f"{totals.hours:.2f}", f"{totals.gpu_hours:.2f}", _rate_cell(totals), _cost_cell(totals),
             money(totals.waste_dollars), _share_cell(report, totals.dollars)]
 
 
@@ -125,17 +125,10 @@ def _notes(report: CostReport) -> list[str]:
     lines = report.lines
     unknown = [line for line in lines if line.dollars is None]
     if unknown:
-        local = [line for line in unknown if line.instance_id is None]
-        if local:
-            notes.append(f"{len(local)} local attempt{'s have' if len(local) != 1 else ' has'} no energy reading"
-                         " (no NVML): cost unknown, not zero.")
         rented = len({line.instance_id for line in unknown if line.instance_id is not None})
         if rented:
             notes.append(f"{rented} instance{'s have' if rented != 1 else ' has'} no contracted $/h: cost unknown.")
-    if any(line.instance_id is None and line.backend != "vast" for line in lines):
-        notes.append(f"Local energy priced at {money(report.rates.dollars_per_kwh)}/kWh"
-                     + (f", hardware at {money(report.rates.hardware_dollars_per_gpu_hour)}/GPU-hour"
-                        if report.rates.hardware_dollars_per_gpu_hour else "") + ".")
+    notes += _local_pricing_notes(report.rates, [line for line in lines if line.instance_id is None])
     running = {}
     for line in lines:
         if line.instance_id is not None and line.still_running:
@@ -152,6 +145,25 @@ def _notes(report: CostReport) -> list[str]:
     if flagged:
         notes.append(f"{len(flagged)} instance{'s' if len(flagged) != 1 else ''} billed differently from the"
                      " estimate by more than the threshold (see Billed vs estimate).")
+    return notes
+
+
+def _local_pricing_notes(rates: Rates, lines: list[CostLine]) -> list[str]:
+    """How the local attempts were priced: measured energy, or machine time where nothing was measured."""
+    hardware = rates.hardware_dollars_per_gpu_hour
+    gpus = f"; GPUs also at {money(hardware)}/GPU-hour" if hardware else ""
+    notes = []
+    measured = sum(line.priced_by == "energy" for line in lines)
+    timed = sum(line.priced_by == "machine time" for line in lines)
+    if measured:
+        notes.append(f"{measured} local attempt{'s' if measured != 1 else ''} priced from measured energy (NVML for"
+                     f" GPUs, RAPL for CPU packages) at {money(rates.dollars_per_kwh)}/kWh{gpus}.")
+    if timed:
+        cores = rates.machine_cpus or machine_cpus()
+        notes.append(f"{timed} local attempt{'s' if timed != 1 else ''} without an energy reading priced by machine"
+                     f" time: wall hours x its share of the machine (CPUs held / {cores} cores; a GPU attempt takes"
+                     f" all of it) x {money(rates.machine_dollars_per_hour)}/h (ARMATURE_MACHINE_DOLLARS_PER_HOUR)"
+                     f"{gpus}.")
     return notes
 
 
@@ -238,7 +250,7 @@ def _strip(text: str) -> str:
 CSV_FIELDS = ("row", "run_id", "study", "backend", "group", "group_kind", "seed", "attempt", "attempt_state",
               "instance", "provider_instance", "kind", "waste", "attempts", "hours", "gpu_hours",
               "dollars_per_hour", "dollars", "waste_dollars", "share", "unknown", "still_running",
-              "estimate_dollars")
+              "estimate_dollars", "priced_by")
 
 
 def _number(value: float | None) -> str:
@@ -277,7 +289,7 @@ def render_csv(report: CostReport, *, detail: bool = False) -> str:
                                  "attempt_state": line.attempt_state or "",
                                  "instance": "" if line.instance_id is None else line.instance_id,
                                  "provider_instance": line.provider_instance_id or "",
-                                 "kind": line.kind, "waste": int(line.waste),
+                                 "kind": line.kind, "waste": int(line.waste), "priced_by": line.priced_by,
                                  **_totals_fields(report, Totals.of([line]))})
     writer.writerow({"row": "total", **_totals_fields(report, report.totals),
                      "estimate_dollars": _number(sum(s.estimate["dollars"] for s in report.studies if s.estimate))
@@ -303,6 +315,7 @@ def _line_json(line: CostLine) -> dict:
             "gpu_hours": round(line.gpu_hours, 6),
             "dollars": None if line.dollars is None else round(line.dollars, 6),
             "dollars_per_hour": line.dollars_per_hour, "energy_joules": line.energy_joules,
+            "priced_by": line.priced_by,
             "still_running": line.still_running}
 
 
@@ -322,7 +335,8 @@ def render_json(report: CostReport) -> str:
         "headline": report.headline() if report.studies else _empty_message(report),
         "generated_at": report.now, "filters": report.filters,
         "rates": {"dollars_per_kwh": report.rates.dollars_per_kwh,
-                  "hardware_dollars_per_gpu_hour": report.rates.hardware_dollars_per_gpu_hour},
+                  "hardware_dollars_per_gpu_hour": report.rates.hardware_dollars_per_gpu_hour,
+                  "machine_dollars_per_hour": report.rates.machine_dollars_per_hour},
         "experiments": report.experiments, "total": _totals_json(report, report.totals), "studies": studies,
         "reconciliation": [{"instance_id": c.instance_id, "provider_instance_id": c.provider_instance_id,
                             "run_id": c.run_id, "estimated_dollars": c.estimated_dollars,

@@ -44,6 +44,13 @@ class Totals:
         return self.dollars / self.known_hours if self.known_hours > 0 else None
 
     @property
+    def cost_text(self) -> str:
+        """The dollars, 'unknown' when no line is priced, '$x + ?' when some are not (the same everywhere)."""
+        if self.unknown and self.dollars == 0:
+            return "unknown"
+        return money(self.dollars) + (" + ?" if self.unknown else "")
+
+    @property
     def waste_ratio(self) -> float | None:
         return self.waste_dollars / self.dollars if self.dollars > 0 else None
 
@@ -113,11 +120,11 @@ class CostReport:
         """e.g. '12 experiments for $4.32 (waste $0.61, 14%)'."""
         totals = self.totals
         n = self.experiments
-        text = f"{n} experiment{'s' if n != 1 else ''} for {money(totals.dollars)}"
+        text = f"{n} experiment{'s' if n != 1 else ''} for {totals.cost_text}"
         if totals.waste_ratio is not None:
             text += f" (waste {money(totals.waste_dollars)}, {totals.waste_ratio:.0%})"
         if totals.unknown:
-            text += f" + {totals.unknown} local attempt{'s' if totals.unknown != 1 else ''} of unknown cost"
+            text += f" ({totals.unknown} line{'s' if totals.unknown != 1 else ''} of unknown cost)"
         if totals.still_running:
             text += "; still running, priced up to now"
         return text

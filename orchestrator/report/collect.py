@@ -74,6 +74,7 @@ class ArmResult:
     stats: dict[str, Stat] = field(default_factory=dict)
     verdict: Verdict | None = None   # the primary metric compared with the baseline (None: no comparison possible)
     is_baseline: bool = False
+    stopped: dict | None = None      # its `early_stop.stop` ledger event (rule, step, reason, why): out of the verdicts
 
     @property
     def starred(self) -> bool:
@@ -124,6 +125,7 @@ class StudyResults:
     upstream_users: dict[int, list[str]] = field(default_factory=dict)   # upstream arm_runs.id -> arms using it
     seed_randomises: dict[str, list[str]] = field(default_factory=dict)  # trainer -> what a seed changes
     seed_rounds: list[str] = field(default_factory=list)   # why adaptive seeds were added or stopped, in order
+    samples_images: dict[str, str] = field(default_factory=dict)   # trainer -> the sample grid it declares
 
     @property
     def seeds(self) -> list[SeedResult]:
@@ -169,6 +171,11 @@ def collect_results(ledger: Ledger, run_id: str, run_dir: Path) -> StudyResults:
                            upstream=upstream, hardware_warning=None, notes=[])
     for arm in results.arms:
         arm.stats = {m: Stat.of([s.values[m] for s in arm.succeeded if m in s.values]) for m in metrics}
+    from orchestrator.early_stop import stopped_arms   # here: early_stop uses report.verdicts
+
+    for arm_name, stop in stopped_arms(ledger, run_id).items():
+        if arm_name in arms and arm_name != results.baseline:
+            arms[arm_name].stopped = stop
     _compare_with_baseline(results)
     results.upstream_metrics = {name: _declared_metrics(trainers, [name], upstream)
                                 for name in dict.fromkeys(s.row["trainer"] for s in upstream)}
@@ -176,6 +183,7 @@ def collect_results(ledger: Ledger, run_id: str, run_dir: Path) -> StudyResults:
     used = dict.fromkeys([s.row["trainer"] for s in results.seeds] + [s.row["trainer"] for s in upstream])
     results.seed_randomises = {name: trainers[name].seed_randomises for name in used
                                if name in trainers and trainers[name].seed_randomises}
+    results.samples_images = {name: info.samples_image for name, info in trainers.items()}
     results.hardware_warning = hardware_warning(results.arms)
     results.seed_rounds = [_event_reason(event) for event in ledger.events(run_id, "seeds.")]
     results.notes = _notes(results)
@@ -273,9 +281,10 @@ def _compare_with_baseline(results: StudyResults) -> None:
     baseline.is_baseline = True
     if results.primary is None or results.mode not in ("min", "max") or not baseline.primary_values(results.primary):
         return
-    verdicts = compare_to_baseline({arm.name: arm.primary_values(results.primary) for arm in results.arms},
+    compared = [arm for arm in results.arms if arm.stopped is None]    # stopped early: reported apart
+    verdicts = compare_to_baseline({arm.name: arm.primary_values(results.primary) for arm in compared},
                                    baseline.name, results.mode)
-    for arm in results.arms:
+    for arm in compared:
         arm.verdict = verdicts[arm.name]
 
 

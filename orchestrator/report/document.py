@@ -20,11 +20,14 @@ def answer_lines(results: StudyResults) -> list[str]:
     """The study's answer in a few plain lines: which arms are better, worse or undecided, and by how much."""
     if not results.arms:
         return ["No arm runs: nothing to compare."]
+    stopped = [arm for arm in results.arms if arm.stopped is not None]
+    stopped_line = ["Stopped early (no final verdict): " + "; ".join(f"{arm.name} ({arm.stopped['reason']})"
+                                                                    for arm in stopped)] if stopped else []
     compared = [arm for arm in results.arms if arm.verdict is not None and not arm.is_baseline]
     if not compared:
-        return [f"No verdicts: {_why_no_verdicts(results)}."]
+        return [f"No verdicts: {_why_no_verdicts(results)}."] + stopped_line
     if all(arm.verdict.n < 2 for arm in compared):
-        return ["One seed per arm: nothing can be concluded; run with seeds >= 3."]
+        return ["One seed per arm: nothing can be concluded; run with seeds >= 3."] + stopped_line
     tested = sum(1 for arm in compared if arm.verdict.p_value is not None)
     lines = [f"{results.primary} ({DIRECTION_WORDS[results.mode]}), each arm against {results.baseline} on "
              f"paired seeds: mean difference with its {CONFIDENCE:.0%} t interval, wins, n, "
@@ -32,7 +35,7 @@ def answer_lines(results: StudyResults) -> list[str]:
     for verdict, label in VERDICT_GROUPS:
         arms = [arm for arm in compared if arm.verdict.verdict == verdict]
         lines.append(f"{label}: " + ("; ".join(_answer_item(arm) for arm in arms) if arms else "none"))
-    return lines
+    return lines + stopped_line
 
 
 def _answer_item(arm: ArmResult) -> str:
@@ -55,6 +58,8 @@ def _why_no_verdicts(results: StudyResults) -> str:
         return f"the direction of {results.primary} is unknown"
     if len(results.arms) < 2:
         return "the baseline is the only arm"
+    if all(arm.stopped is not None for arm in results.arms if not arm.is_baseline):
+        return "every other arm was stopped early"
     return f"the baseline {results.baseline} has no succeeded seed with {results.primary}"
 
 
@@ -90,9 +95,13 @@ def results_markdown(results: StudyResults, plots: list[PlotOutcome]) -> str:
     if results.hardware_warning:
         lines += ["", f"> **Warning:** {results.hardware_warning}"]
 
+    lines += _stopped_section(results)
     lines += _upstream_section(results)
 
     lines += ["", "## Plots", ""]
+    lines += [f"Every metric of every arm and seed against the step, the sample grids over time and each arm's "
+              f"changed settings (HParams) are in TensorBoard: `make tensorboard RUN={run['run_id']}`, or "
+              f"`tensorboard --logdir` on this run's [tensorboard/](tensorboard/) folder.", ""]
     for plot in plots:
         if plot.path is not None:
             lines += [f"### {plot.title}", "", f"![{plot.title}](plots/{plot.path.name})", ""]
@@ -148,6 +157,19 @@ def _per_seed_section(results: StudyResults) -> list[str]:
     return ["", f"### {results.primary} per seed", "",
             markdown_table(headers, rows, range(1, len(headers))), "",
             f"In brackets: the difference from {results.baseline} on the same seed." if reference else ""]
+
+
+def _stopped_section(results: StudyResults) -> list[str]:
+    """The arms stopped at an interim look, each with its `early_stop.stop` ledger event quoted."""
+    stopped = [arm for arm in results.arms if arm.stopped is not None]
+    if not stopped:
+        return []
+    lines = ["", "## Stopped early", "",
+             "These arms were stopped at an interim look and are left out of the verdicts above (rules: "
+             "orchestrator/early_stop.py). Their decisions, as the ledger's `early_stop.stop` events hold them:", ""]
+    for arm in stopped:
+        lines += [f"> **{arm.name}**: {arm.stopped['reason']}. {arm.stopped['why']}", ""]
+    return lines[:-1]
 
 
 def _upstream_section(results: StudyResults) -> list[str]:

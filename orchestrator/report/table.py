@@ -110,7 +110,9 @@ def _row_cells(results: StudyResults, arm: ArmResult, shown: list[str], layout: 
         cells.append(cell)
     if has_verdicts(results):
         verdict = arm.verdict
-        if verdict is None or verdict.verdict == "baseline":
+        if arm.stopped is not None:      # out of the verdicts: its status instead
+            cells += [arm.stopped["reason"], "—"] + (["—", "—"] if full else [])
+        elif verdict is None or verdict.verdict == "baseline":
             cells += ["baseline" if verdict else "—", "—"] + (["—", "—"] if full else [])
         else:
             cells += [verdict.verdict, format_diff(verdict)]
@@ -136,6 +138,9 @@ def table_legend(results: StudyResults) -> str:
                      f"Verdict: better or worse when p (Holm) < {ALPHA}, else inconclusive.")
     if any(arm.starred for arm in results.arms):
         parts.append(f"{BEST_MARK}: verdict better than {results.baseline}.")
+    if any(arm.stopped for arm in results.arms):
+        parts.append("Stopped early / by halving: the arm was stopped at an interim look (see \"Stopped early\"); "
+                     "it has no final verdict and is not in the Holm family of the others.")
     if results.uses_gpus:
         parts.append("GPU-h: wall time of every attempt × GPUs it held.")
     if results.uses_cpu_only:
@@ -189,6 +194,7 @@ def csv_text(results: StudyResults) -> str:
     """One row per arm; empty cells where a value does not exist (no seed succeeded, one seed, no baseline)."""
     columns = ["arm", "is_baseline", "verdict", "n_paired", "diff_mean", "diff_ci_low", "diff_ci_high",
                "diff_bca_low", "diff_bca_high", "p_value", "p_adjusted", "wins", "verdict_note",
+               "stopped_early", "stopped_rule", "stopped_step",
                "n_seeds", "n_succeeded", "n_failed", "n_diverged", "n_cancelled", "n_unfinished"]
     for metric in results.metrics:
         columns += [f"{metric}_mean", f"{metric}_std", f"{metric}_n"]
@@ -204,6 +210,9 @@ def csv_text(results: StudyResults) -> str:
                "n_unfinished": len(arm.seeds) - finished,
                "gpu_hours": _csv_float(arm.gpu_hours), "cpu_hours": _csv_float(arm.cpu_hours),
                "hardware": "; ".join(arm.hardware)}
+        if arm.stopped is not None:
+            row.update({"stopped_early": arm.stopped["reason"], "stopped_rule": arm.stopped["rule"],
+                        "stopped_step": arm.stopped["step"]})
         if arm.verdict is not None:
             v = arm.verdict
             row.update({"verdict": v.verdict, "n_paired": v.n, "diff_mean": _csv_float(v.diff_mean),

@@ -333,6 +333,49 @@ def _describe_nvml_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# ---- an attempt's own machine, read where it runs -------------------------------
+
+class NodeTelemetry:
+    """An attempt's health and energy, read on the machine that runs it, for a driver on another machine
+    (an attempt on another node of a Ray cluster reports them the way a rented host does): `health_event`
+    is the attempt's GPUs and the host's memory as a {"kind": "health"} event, `energy_event` the joules the
+    attempt used since this reader started (its GPUs' NVML counters; for a CPU attempt, its share of RAPL)."""
+
+    def __init__(self, gpu_ids: list[str], cpus: float, host: str | None = None):
+        self.host = host or socket.gethostname()
+        self.gpu_ids = [str(g) for g in gpu_ids]
+        self.cpus = cpus
+        self.gpus = local_gpus(self.host) if self.gpu_ids else None
+        self.rapl = None
+        if not self.gpu_ids:
+            from orchestrator.cost.energy import RaplMeter
+            self.rapl = RaplMeter(sample_seconds=None)      # read by every health_event, so no wrap goes unseen
+        self.start_joules = self._joules()
+
+    def _samples(self) -> list[GpuSample]:
+        if self.gpus is None or not self.gpus.available:
+            return []
+        return [sample for sample in self.gpus.read() if sample.gpu in self.gpu_ids]
+
+    def _joules(self) -> float | None:
+        if self.rapl is not None:
+            return self.rapl.attributed_joules(self.cpus)
+        readings = [sample.energy_joules for sample in self._samples()]
+        return sum(readings) if readings and None not in readings else None
+
+    def health_event(self) -> dict:
+        if self.rapl is not None:
+            self.rapl.joules()
+        return {"kind": "health", "host": self.host, "samples": [sample.to_dict() for sample in self._samples()],
+                "host_memory_ratio": host_memory_ratio()}
+
+    def energy_event(self) -> dict | None:
+        end = self._joules()
+        if end is None or self.start_joules is None:
+            return None
+        return {"kind": "energy", "joules": end - self.start_joules}
+
+
 # ---- host memory ---------------------------------------------------------------
 
 def host_memory_ratio(meminfo: str | Path = "/proc/meminfo") -> float:

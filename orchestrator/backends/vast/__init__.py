@@ -1,14 +1,12 @@
-"""The Vast.ai backend: rented GPUs, deployed through git, watched over SSH, torn down with confirmation.
+"""The Vast.ai provider: rented GPUs, deployed and watched by the remote-host runtime (../remote/), torn down
+with confirmation.
 
-    config.py    VastConfig, the `vast:` section of an arms spec
+    config.py    VastConfig, the `vast:` section of an arms spec (and the RuntimeSettings it gives ../remote/)
     offers.py    the search query and the ranking of offers
     provider.py  launch / wait_ready / query / terminate / list_ours over the vastai SDK
-    ssh.py       paramiko with pinned host keys, quoted commands, timeouts, retries, safe pull-back
-    deploy.py    the commit's tree (a git bundle, no history) + patch, dependencies, remote layout, boot dead-man switch
-    pool.py      instances shared by attempts (packing, reuse)
-    attempt.py   one attempt's files and supervisor on the instance
-    watch.py     one attempt's loop: metrics, health, checkpoints, outcome; the budget
-    backend.py   VastBackend (base.Backend)
+    boot.py      the dead-man switch armed at boot (the instance's onstart)
+    budget.py    the dollar budget: launches it allows, the silence it pays for
+    backend.py   VastBackend (base.Backend; the HostOwner of ../remote/watch.py)
     reap.py      destroy this ledger's instances no live run owns (other ledgers' are only listed)
 """
 

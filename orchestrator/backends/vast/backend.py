@@ -28,17 +28,18 @@ from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast import provider
 from orchestrator.backends.vast.config import VastConfig
-from orchestrator.backends.vast.deploy import (CodeBundle, DeployError, boot_watchdog_onstart, deploy_code,
-                                               deploy_record, install_helper_and_watchdog, make_code_bundle,
-                                               resolve_paths)
-from orchestrator.backends.vast.pool import InstancePool, PoolClosed, PooledInstance
+from orchestrator.backends.remote.deploy import (CodeBundle, DeployError, deploy_code, deploy_record,
+                                                 install_helper_and_watchdog, make_code_bundle, resolve_paths)
+from orchestrator.backends.remote.pool import InstancePool, PoolClosed, PooledInstance
+from orchestrator.backends.remote.ssh import Connection, HostKeyChanged, KeyPair, SshError, load_or_create_keypair
+from orchestrator.backends.remote.watch import AttemptWatch
+from orchestrator.backends.vast.boot import boot_watchdog_onstart
 from orchestrator.backends.vast.reap import reap_keys
-from orchestrator.backends.vast.ssh import Connection, HostKeyChanged, KeyPair, SshError, load_or_create_keypair
 from orchestrator.backends.vast.budget import Budget, BudgetRefused
-from orchestrator.backends.vast.watch import AttemptWatch
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
+from orchestrator.telemetry.gpu import NVIDIA_SMI_QUERY, parse_nvidia_smi_csv
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,10 @@ class VastBackend:
         self.client = None
         self.key: KeyPair | None = None
         self.bundle: CodeBundle | None = None
-        self.pool = InstancePool()
+        self.pool = InstancePool("vast")
+        self.settings = cfg.runtime                # what the remote-host runtime reads
         self.excluded_machines: set[str] = set()
         self._offers_in_flight: set[str] = set()
-        self._account_key_id: int | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._idle_thread: threading.Thread | None = None
@@ -84,13 +85,8 @@ class VastBackend:
         return self.ledger.query_one("SELECT 1 AS x FROM runs WHERE run_id=?", (self.run_id,)) is not None
 
     def _undo_start(self) -> None:
-        """After a failed start: the account key off again (best effort), and no trace of a run not yet created."""
+        """After a failed start: no trace of a run not yet created."""
         self._closing.set()
-        if self._account_key_id is not None and not self.ledger.live_instances(self.run_id):
-            try:
-                provider.remove_ssh_key(self.client, self.cfg, self._account_key_id)
-            except provider.ProviderError as exc:
-                log.warning("could not remove the run's SSH key from the account: %s (`armature reap` will)", exc)
         shutil.rmtree(self.run_dir / ".vast" / "deploy", ignore_errors=True)
         if not self._run_recorded():
             shutil.rmtree(self.run_dir / ".vast", ignore_errors=True)
@@ -105,17 +101,17 @@ class VastBackend:
                                        secrets=(provider.api_key_of(self.client),))
         self.key = load_or_create_keypair(self.run_dir / ".vast" / "id_ed25519",
                                           comment=provider.key_comment(self.ledger.identity(), self.run_id))
-        reap_keys(self.client, self.ledger, cfg=self.cfg, keep_run=self.run_id)   # left by runs that crashed
-        self._account_key_id = provider.register_ssh_key(self.client, self.cfg, self.key.public_line)
-        self.ledger.event(self.run_id, "vast.start", commit=self.bundle.commit, diff_hash=self.bundle.diff_hash,
-                          ssh_key_id=self._account_key_id)
+        # The key is attached to each instance (provider.launch), never to the account; account keys left by
+        # older versions' runs that crashed go now.
+        reap_keys(self.client, self.ledger, cfg=self.cfg, starting_run=self.run_id)
+        self.ledger.event(self.run_id, "vast.start", commit=self.bundle.commit, diff_hash=self.bundle.diff_hash)
         atexit.register(self.shutdown)
         self._adopt_ledger_instances()
         self._idle_thread = threading.Thread(target=self._destroy_idle_instances, name="vast-idle", daemon=True)
         self._idle_thread.start()
 
     def shutdown(self) -> None:
-        """Destroy every instance of this backend, confirmed; remove the run's key from the account."""
+        """Destroy every instance of this backend, confirmed."""
         with self._lock:
             if self._shut_down or self.client is None:
                 return
@@ -131,11 +127,6 @@ class VastBackend:
         leftovers = self.ledger.live_instances(self.run_id)
         for row in leftovers:           # launched by an attempt that has not noticed the shutdown yet
             provider.terminate(self.client, self.ledger, self.cfg, row["id"], reason="run finished")
-        if self._account_key_id is not None and not self.ledger.live_instances(self.run_id):
-            try:
-                provider.remove_ssh_key(self.client, self.cfg, self._account_key_id)
-            except provider.ProviderError as exc:
-                log.warning("could not remove the run's SSH key from the account: %s", exc)
         shutil.rmtree(self.run_dir / ".vast" / "deploy", ignore_errors=True)
         if not self.ledger.live_instances(self.run_id):     # nothing left to reach: the run's key can go
             (self.run_dir / ".vast" / "id_ed25519").unlink(missing_ok=True)
@@ -190,10 +181,15 @@ class VastBackend:
             self._release(instance, spec.attempt_id)
 
     def _adopt_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
-        row = self.ledger.query_one("SELECT instance_id, gpu_index FROM attempts WHERE id=?", (spec.attempt_id,))
+        row = self.ledger.query_one("SELECT instance_id, gpu_index, pid FROM attempts WHERE id=?", (spec.attempt_id,))
+        # The orchestrator died before the attempt's trainer started (its instance booting, destroyed at start):
+        # nothing of the arm was lost, and the orchestrator's death must not use up max_attempts.
         if row is None or row["instance_id"] is None:
-            return AttemptResult("lost", reason="no instance was recorded for this attempt")
+            return AttemptResult("interrupted", reason="the orchestrator stopped before this attempt had an instance")
         instance = self.pool.find(row["instance_id"])
+        if instance is None and row["pid"] is None:
+            return AttemptResult("interrupted", reason=f"the orchestrator stopped before its trainer started; its "
+                                                       f"instance (ledger id {row['instance_id']}) is gone")
         if instance is None:
             return AttemptResult("lost", reason=f"its instance (ledger id {row['instance_id']}) is gone")
         gpus = self.pool.hold(instance, spec.attempt_id,
@@ -273,18 +269,19 @@ class VastBackend:
             if stop.is_set() or self._closing.is_set():
                 raise provider.LaunchCancelled("stopped before an instance was rented")
             found = provider.search_offers(self.client, self.cfg)
-            with self._lock:   # offers another attempt is renting right now go last, not away (404 tells)
+            # Offers another attempt is renting right now go last, not away (404 tells); picked and marked under
+            # one lock, or concurrent launches all pick the cheapest offer.
+            with self._lock:
                 excluded = set(self.excluded_machines)
                 ranked = offer_rules.rank(found, excluded, set(self._offers_in_flight)) or offer_rules.rank(
                     found, excluded)
-            if not ranked:
-                raise provider.LaunchFailed("no offer matches the vast: query" + _tried(failures))
-            affordable = [o for o in ranked if self.budget.launch_refusal(float(o["dph_total"])) is None]
-            if not affordable:
-                raise BudgetRefused(self.budget.launch_refusal(float(ranked[0]["dph_total"]))
-                                    or "budget: no offer fits under the cap")
-            offer = affordable[0]
-            with self._lock:
+                if not ranked:
+                    raise provider.LaunchFailed("no offer matches the vast: query" + _tried(failures))
+                affordable = [o for o in ranked if self.budget.launch_refusal(float(o["dph_total"])) is None]
+                if not affordable:
+                    raise BudgetRefused(self.budget.launch_refusal(float(ranked[0]["dph_total"]))
+                                        or "budget: no offer fits under the cap")
+                offer = affordable[0]
                 self._offers_in_flight.add(str(offer["id"]))
             try:
                 self._launch_offer(instance, offer, label, stop)
@@ -317,8 +314,8 @@ class VastBackend:
             if instance.state == "retired" or self._closing.is_set():
                 raise provider.LaunchCancelled("the backend shut down while the instance booted")
             instance.conn = self._connection(host, port, host_key)
-            instance.paths = instance.conn.call(lambda remote: resolve_paths(remote, self.cfg))
-            install_helper_and_watchdog(instance.conn, instance.paths, self.cfg, self.repo_root, silence)
+            instance.paths = instance.conn.call(lambda remote: resolve_paths(remote, self.settings))
+            install_helper_and_watchdog(instance.conn, instance.paths, self.settings, self.repo_root, silence)
         except provider.LaunchFailed as exc:
             provider.terminate(self.client, self.ledger, self.cfg, ledger_id, reason=str(exc))
             raise
@@ -337,7 +334,7 @@ class VastBackend:
         with instance.prepare_lock:
             version = self.bundle.version
             if version not in instance.deployed:
-                code, python = deploy_code(instance.conn, instance.paths, self.bundle, self.cfg)
+                code, python = deploy_code(instance.conn, instance.paths, self.bundle, self.settings)
                 instance.deployed[version] = (code, python)
                 self.ledger.event(self.run_id, "instance.deploy", instance_id=instance.ledger_id,
                                   provider_instance_id=instance.provider_id, **deploy_record(self.bundle, python))
@@ -352,6 +349,24 @@ class VastBackend:
         except provider.ProviderError:
             return "unknown-to-us"
         return "gone" if info is None else str(info.get("actual_status"))
+
+    # ---- what the remote-host runtime asks (remote.watch.HostOwner) ----
+
+    def host_gone(self, instance: PooledInstance) -> str | None:
+        status = self.provider_status(instance)
+        if status == "gone" or status in provider.TERMINAL_STATUSES:
+            return f"instance {instance.provider_id} is {status}"
+        return None
+
+    def stop_reason(self) -> str | None:
+        return self.budget.exhausted()
+
+    def silence_now(self) -> float | None:
+        return self.budget.silence_now()
+
+    def lose_host(self, instance: PooledInstance, why: str) -> None:
+        self.exclude_machine(instance)
+        self.retire(instance, why)
 
     def exclude_machine(self, instance: PooledInstance) -> None:
         if instance.machine_id:
@@ -376,10 +391,12 @@ class VastBackend:
             provider.terminate(self.client, self.ledger, self.cfg, instance.ledger_id, reason=reason)
 
     def _destroy_idle_instances(self) -> None:
-        """Destroy instances idle too long; keep the dead-man switch of the others quiet (nothing polls them)."""
-        period = max(0.5, min(5.0, self.cfg.idle_destroy_seconds / 4))
+        """Destroy instances idle too long; keep the dead-man switch of the others quiet (nothing polls them), and
+        sample their GPUs (nothing else does once their attempts ended)."""
+        period = max(0.5, min(5.0, self.cfg.idle_destroy_seconds / 4, self.cfg.health_seconds))
         last_keepalive = time.monotonic()
         while not self._closing.wait(period):
+            self._sample_idle_gpus()
             for instance in self.pool.retire_idle(self.cfg.idle_destroy_seconds):
                 try:
                     self._destroy(instance, f"idle for {self.cfg.idle_destroy_seconds:g}s")
@@ -394,6 +411,19 @@ class VastBackend:
                         instance.conn.run(["sh", "-c", f"echo {silence:.0f} > {shlex.quote(instance.paths.contact)}"])
                     except SshError as exc:
                         log.warning("instance %s: keep-alive failed: %s", instance.provider_id, exc)
+
+    def _sample_idle_gpus(self) -> None:
+        """GPU samples of idle instances into the ledger, as attempts stream them: the watchdog's cool-down after
+        it stopped an attempt reads the host's samples, and that attempt has ended (scheduler._cooled)."""
+        for instance in self.pool.idle():
+            try:
+                result = instance.conn.run(NVIDIA_SMI_QUERY, timeout=self.cfg.ssh_timeout_seconds, retries=1)
+            except SshError as exc:
+                log.warning("instance %s: GPU sample failed: %s", instance.provider_id, exc)
+                continue
+            if result.exit_code == 0:
+                samples = parse_nvidia_smi_csv(result.stdout, instance.host_label, time.time())
+                self.ledger.record_health([s.to_dict() for s in samples], self.run_id)
 
     # ---- a resumed run: its instances from the ledger -------------------------------------------------
 
@@ -424,8 +454,8 @@ class VastBackend:
                                       holders=holders.get(row["id"], {}))
             instance.conn = self._connection(row["ssh_host"], row["ssh_port"], row["host_key"])
             try:
-                instance.paths = instance.conn.call(lambda remote: resolve_paths(remote, self.cfg))
-                install_helper_and_watchdog(instance.conn, instance.paths, self.cfg, self.repo_root)
+                instance.paths = instance.conn.call(lambda remote: resolve_paths(remote, self.settings))
+                install_helper_and_watchdog(instance.conn, instance.paths, self.settings, self.repo_root)
             except SshError as exc:
                 instance.conn.close()
                 provider.terminate(self.client, self.ledger, self.cfg, row["id"], reason=f"unreachable: {exc}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
+from orchestrator.backends.remote.settings import RuntimeSettings
+
 
 class VastConfig(BaseModel, extra="forbid"):
     # ---- which offers to rent (a Vast search query; see vast-api.md) -------------------------
@@ -103,3 +105,16 @@ class VastConfig(BaseModel, extra="forbid"):
     @property
     def max_arms_per_instance(self) -> int:
         return min(self.arms_per_instance or self.num_gpus, self.num_gpus)
+
+    @property
+    def runtime(self) -> RuntimeSettings:
+        """What the remote-host runtime needs from this section; the dead-man switch destroys the instance."""
+        return RuntimeSettings(
+            remote_dir=self.remote_dir, ssh_timeout_seconds=self.ssh_timeout_seconds, ssh_retries=self.ssh_retries,
+            install_timeout_seconds=self.install_timeout_seconds, poll_seconds=self.poll_seconds,
+            pull_checkpoints_every_minutes=self.pull_checkpoints_every_minutes,
+            heartbeat_seconds=self.heartbeat_seconds, health_seconds=self.health_seconds,
+            heartbeat_timeout_seconds=self.heartbeat_timeout_seconds, stop_grace_seconds=self.stop_grace_seconds,
+            orchestrator_silence_seconds=self.orchestrator_silence_seconds,
+            max_lifetime_hours=self.max_lifetime_hours,
+            on_silence=("--on-silence", "destroy") + (("--server-url", self.server_url) if self.server_url else ()))

@@ -31,7 +31,7 @@ import requests
 
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast.config import VastConfig
-from orchestrator.backends.vast.ssh import HostKeyChanged, KeyPair, Remote
+from orchestrator.backends.remote.ssh import HostKeyChanged, KeyPair, Remote
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 
@@ -202,7 +202,9 @@ def _same_key(a: str, b: str) -> bool:
 
 
 def register_ssh_key(client, cfg: VastConfig, public_line: str) -> int | None:
-    """Put the run's public key on the account (before any create, so new instances get it); its key id."""
+    """Put a public key on the whole account (every later instance gets it); its key id. Runs never do this
+    (their key is attached to each instance, see launch); older armature versions did, and reap_keys removes
+    what they left."""
     for entry in list_ssh_keys(client, cfg):
         if _same_key(entry["key"], public_line):
             return entry["id"]
@@ -231,6 +233,8 @@ def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict,
     """Rent `offer`; returns the ledger id of the instance (its row exists before the provider is asked:
     `instance_id` when the caller wrote it with record_intent, e.g. under the budget's lock).
     `onstart`: the instance's start command (a shell script), e.g. the boot dead-man switch.
+    `public_key` is attached to this instance only (POST /instances/{id}/ssh/); an instance it cannot be
+    attached to is destroyed and LaunchFailed raised.
 
     The instance is labelled `label:<ledger row id>`, unique to this try. The create is sent once
     (the SDK's own retries off: a re-sent create can rent twice); after any answer that is not a
@@ -249,10 +253,11 @@ def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict,
         ledger.update_instance(instance_id, provider_instance_id=str(provider_id), state="booting")
     except ProviderError as exc:
         provider_id = _settle_failed_create(client, ledger, cfg, instance_id, label, exc)
-    try:    # also on the instance itself: the account key can land late on a fresh instance
+    try:    # the run's key on this instance only: never on the account, so a kill -9 leaves no key behind
         call_api("attach ssh key", client.attach_ssh, int(provider_id), public_key, **_api(cfg))
     except ProviderError as exc:
-        log.warning("instance %s: could not attach the ssh key (%s); relying on the account key", provider_id, exc)
+        terminate(client, ledger, cfg, instance_id, reason=f"could not attach the ssh key: {exc}"[:300])
+        raise LaunchFailed(f"instance {provider_id}: could not attach the run's ssh key: {exc}") from None
     return instance_id
 
 

@@ -9,7 +9,8 @@ ARMATURE_HOME, another checkout, another person), and armature labels without a 
 older versions), are listed as foreign and never destroyed, unless the user names them
 (`instances`). Destruction is confirmed (provider.terminate) and recorded in the ledger.
 
-`reap_keys` removes from the account the SSH keys this ledger's runs registered and did not
+Runs attach their SSH key to each instance they rent, never to the account. `reap_keys` removes
+from the account the keys this ledger's runs registered with older armature versions and did not
 remove because they did not end cleanly (a kill -9): a key left there gets root on every later
 instance of the account.
 """
@@ -105,17 +106,18 @@ def _destroy(client, ledger: Ledger, cfg: VastConfig, info: dict, run_id: str | 
 
 
 def reap_keys(client, ledger: Ledger, dry_run: bool = False, cfg: VastConfig | None = None,
-              keep_run: str | None = None) -> list[dict]:
-    """This ledger's account SSH keys whose run is not live (but `keep_run`'s), removed unless dry_run; one dict
-    per key: key_id, run_id, reason, removed."""
+              starting_run: str | None = None) -> list[dict]:
+    """This ledger's account SSH keys whose run is not live, and `starting_run`'s (the run starting now needs
+    none there), removed unless dry_run; one dict per key: key_id, run_id, reason, removed."""
     cfg = cfg or VastConfig()
     ours = ledger.identity()
     found = []
     for entry in provider.list_ssh_keys(client, cfg):
         owner = provider.owner_of_key(entry["key"])
-        if owner is None or owner.ledger_id != ours or owner.run_id == keep_run:
+        if owner is None or owner.ledger_id != ours:
             continue
-        reason = orphan_reason(ledger, owner.run_id)
+        reason = ("its key belongs on its instances, not on the account" if owner.run_id == starting_run
+                  else orphan_reason(ledger, owner.run_id))
         if reason is None:
             continue
         if not dry_run:

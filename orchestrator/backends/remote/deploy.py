@@ -1,21 +1,22 @@
-"""Deploy the code to an instance through git, and prepare the instance to run arms.
+"""Deploy the code to a remote host through git, and prepare the host to run arms.
 
 The tree of the exact commit travels as a `git bundle` of one parentless commit
 made from HEAD's tree (never the history: a secret committed once and deleted later
 stays home), uploaded over SFTP and cloned on the instance. A working tree with
 uncommitted changes is refused unless `allow_dirty`; then the changes travel too,
 as `git diff HEAD --binary` (applied after the clone) plus a tar of the untracked,
-not-ignored files, and their hash is recorded. No shipped file may hold the API key.
+not-ignored files, and their hash is recorded. No shipped file may hold a secret (a provider's API key).
 Dependencies come from the project's own `requirements-trainer.txt`: when the image's python already has every
 distribution it names (a stock PyTorch image plus a few, or the simulator),
 nothing is installed; otherwise a venv with the system site-packages gets
 `pip install -r` on top. An install failure fails the attempt with the log tail.
 
-Remote layout (all under `<home>/<remote_dir>`, see `InstancePaths`):
+Remote layout (all under `<home>/<remote_dir>`, see `InstancePaths`; one such folder per host):
   supervisor.py            infra/remote/supervisor.py of this checkout
   code-<version>/          the clone (one folder per deployed version, never replaced under a running arm)
   python-<version>         the interpreter arms of that version run with
-  last-contact             touched by every poll; the watchdog destroys the instance when it goes stale
+  last-contact             touched by every poll; the dead-man watchdog acts when it goes stale (a rented
+                           instance destroys itself, a host of your own stops armature and removes this folder)
   work/a<attempt id>/      one attempt: config.json, out/, heartbeat, exit.json, logs
 """
 
@@ -32,17 +33,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.backends.vast.config import VastConfig
-from orchestrator.backends.vast.ssh import Connection, Remote
+from orchestrator.backends.remote.settings import RuntimeSettings
+from orchestrator.backends.remote.ssh import Connection, Remote
 from orchestrator.errors import UserError
 
 SUPERVISOR = Path("infra") / "remote" / "supervisor.py"
-DEFAULT_API_URL = "https://console.vast.ai"          # the SDK's and supervisor.py's default
 REQUIREMENTS = "requirements-trainer.txt"
 
 
 class DeployError(Exception):
-    """The code or its dependencies could not be set up on the instance (the message holds the log tail)."""
+    """The code or its dependencies could not be set up on the host (the message holds the log tail)."""
 
 
 # ---- the code bundle (local) --------------------------------------------------------------------
@@ -77,12 +77,12 @@ def make_code_bundle(repo_root: Path, dest: Path, allow_dirty: bool, secrets: tu
     """
     repo_root, dest = Path(repo_root), Path(dest)
     if not (repo_root / ".git").exists():
-        raise UserError(f"{repo_root} is not a git checkout: the vast backend deploys code through git")
+        raise UserError(f"{repo_root} is not a git checkout: remote hosts get the code through git")
     commit = _git(repo_root, "rev-parse", "HEAD").strip()
     changed = [line[3:] for line in _git(repo_root, "status", "--porcelain", "--untracked-files=all").splitlines()]
     if changed and not allow_dirty:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
-        raise UserError(f"the working tree has uncommitted changes ({shown}); instances run exactly commit "
+        raise UserError(f"the working tree has uncommitted changes ({shown}); remote hosts run exactly commit "
                         f"{commit[:12]}: commit them, or allow dirty deploys to ship them as a patch")
     _refuse_secrets(repo_root, secrets)
     dest.mkdir(parents=True, exist_ok=True)
@@ -142,8 +142,8 @@ def _refuse_secrets(repo_root: Path, secrets: tuple[str, ...]) -> None:
         for member in tar:
             handle = tar.extractfile(member) if member.isfile() and member.size < 50 << 20 else None
             if handle is not None and any(n in handle.read() for n in needles):
-                raise UserError(f"{member.name} at HEAD contains the Vast API key; it would be shipped to rented "
-                                "machines. Commit the file without the key first")
+                raise UserError(f"{member.name} at HEAD contains the provider's API key; it would be shipped to "
+                                "remote machines. Commit the file without the key first")
     listed = _git(repo_root, "ls-files", "--cached", "--others", "--exclude-standard", "-z").split("\0")
     for name in filter(None, listed):
         path = repo_root / name
@@ -151,7 +151,7 @@ def _refuse_secrets(repo_root: Path, secrets: tuple[str, ...]) -> None:
             if path.is_file() and path.stat().st_size < 50 << 20:
                 data = path.read_bytes()
                 if any(n in data for n in needles):
-                    raise UserError(f"{name} contains the Vast API key; it would be shipped to rented machines. "
+                    raise UserError(f"{name} contains the provider's API key; it would be shipped to remote machines. "
                                     "Remove the key from the file (or git-ignore the file)")
         except OSError:
             continue
@@ -161,7 +161,8 @@ def _refuse_secrets(repo_root: Path, secrets: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class InstancePaths:
-    base: str                       # absolute folder on the instance
+    base: str                       # absolute folder on the host
+    python: str = "python3"         # runs supervisor.py there (standard library only)
 
     @property
     def supervisor(self) -> str:
@@ -181,9 +182,11 @@ class InstancePaths:
         return f"{self.base}/work/a{attempt_id}"
 
 
-def resolve_paths(remote: Remote, cfg: VastConfig) -> InstancePaths:
+def resolve_paths(remote: Remote, settings: RuntimeSettings, python: str | None = None) -> InstancePaths:
     home = remote.run('printf %s "$HOME"', check=True).stdout.strip() or "/root"
-    return InstancePaths(f"{home.rstrip('/')}/{cfg.remote_dir.strip('/')}")
+    if settings.remote_dir.startswith("/"):
+        return InstancePaths(settings.remote_dir.rstrip("/"), python or "python3")
+    return InstancePaths(f"{home.rstrip('/')}/{settings.remote_dir.strip('/')}", python or "python3")
 
 
 def detached(cwd: str, argv: list[str], log: str) -> str:
@@ -196,74 +199,20 @@ def detached(cwd: str, argv: list[str], log: str) -> str:
     return f"cd {q(cwd)} || exit 1; setsid nohup {shlex.join(argv)} >> {q(log)} 2>&1 < /dev/null &"
 
 
-# ---- the dead-man switch from boot ------------------------------------------------------------------------
+# ---- preparing a host -----------------------------------------------------------------------------
 
-# Started by the instance's own start command (onstart), before anyone can SSH in: destroys the
-# instance with its instance-scoped key (CONTAINER_API_KEY, never the account key) when the
-# last-contact file has been quiet for `silence` seconds (or the shorter silence the orchestrator last wrote
-# into it), or after `lifetime` seconds. Standard library only; argv: contact file, silence, lifetime, check
-# period, API URL.
-BOOT_WATCHDOG = """
-import os, sys, time, urllib.request as u
-contact, silence, lifetime, period, url = sys.argv[1], *map(float, sys.argv[2:5]), sys.argv[5]
-started = time.time()
-open(contact, "a").close()
-os.utime(contact, None)
-while True:
-    time.sleep(period)
-    now = time.time()
-    try:
-        quiet = now - os.path.getmtime(contact)
-    except OSError:
-        quiet = now - started
-    try:    # a shorter silence the orchestrator wrote at its last contact (what the budget still pays for)
-        limit = min(silence, float(open(contact).read(64).strip() or "inf"))
-    except (OSError, ValueError):
-        limit = silence
-    if quiet <= limit and now - started <= lifetime:
-        continue
-    me, key = os.environ.get("CONTAINER_ID", ""), os.environ.get("CONTAINER_API_KEY", "")
-    print(time.strftime("%Y-%m-%dT%H:%M:%S"), "boot watchdog: quiet %.0fs, up %.0fs: destroying"
-          % (quiet, now - started), flush=True)
-    try:
-        u.urlopen(u.Request(url + "/api/v0/instances/" + "".join(c for c in me if c.isalnum()) + "/", data=b"{}",
-                            method="DELETE", headers={"Authorization": "Bearer " + key,
-                                                      "Content-Type": "application/json"}), timeout=30)
-        break
-    except Exception as exc:
-        print("destroy failed:", exc, flush=True)
-        if getattr(exc, "code", None) == 404:
-            break
-"""
-
-
-def boot_watchdog_onstart(cfg: VastConfig, silence_seconds: float | None = None) -> str:
-    """The instance's start command: the dead-man switch, armed before SSH answers (an orchestrator killed
-    while the instance boots leaves no orphan). install_helper_and_watchdog adds the full one later.
-    `silence_seconds`: the instance's own silence (the budget's, see budget.py); default the configured one."""
-    q = shlex.quote
-    silence = cfg.orchestrator_silence_seconds if silence_seconds is None else silence_seconds
-    base = f'"$HOME"/{q(cfg.remote_dir.strip("/"))}'
-    argv = [f"{base}/last-contact", f"{silence:g}", f"{cfg.max_lifetime_hours * 3600:g}",
-            f"{min(5.0, silence / 4):g}", q(cfg.server_url or DEFAULT_API_URL)]
-    return (f"mkdir -p {base} && nohup python3 -c {q(BOOT_WATCHDOG)} {' '.join(argv)} "
-            f">> {base}/boot-watchdog.log 2>&1 < /dev/null &\n")
-
-
-# ---- preparing an instance -----------------------------------------------------------------------------
-
-def install_helper_and_watchdog(conn: Connection, paths: InstancePaths, cfg: VastConfig, repo_root: Path,
+def install_helper_and_watchdog(conn: Connection, paths: InstancePaths, settings: RuntimeSettings, repo_root: Path,
                                 silence_seconds: float | None = None) -> None:
     """Upload the supervisor and start the dead-man watchdog (idempotent; first thing after SSH answers).
-    `silence_seconds` as for boot_watchdog_onstart."""
-    silence = cfg.orchestrator_silence_seconds if silence_seconds is None else silence_seconds
+    `silence_seconds`: the host's own silence (a budget may shorten it); default the configured one."""
+    silence = settings.orchestrator_silence_seconds if silence_seconds is None else silence_seconds
     watchdog = [
-        "python3", paths.supervisor, "watchdog", "--contact-file", paths.contact,
+        paths.python, paths.supervisor, "watchdog", "--contact-file", paths.contact,
         "--pid-file", f"{paths.base}/watchdog.pid", "--log", f"{paths.base}/watchdog.log",
         "--silence-seconds", f"{silence:g}",
-        "--max-lifetime-seconds", f"{cfg.max_lifetime_hours * 3600:g}",
-        "--check-seconds", f"{min(5.0, silence / 4):g}",
-    ] + (["--server-url", cfg.server_url] if cfg.server_url else [])
+        "--max-lifetime-seconds", f"{settings.max_lifetime_hours * 3600:g}",
+        "--check-seconds", f"{min(5.0, silence / 4):g}", *settings.on_silence,
+    ]
 
     def install(remote: Remote) -> None:
         remote.run(["mkdir", "-p", paths.base, f"{paths.base}/work"], check=True)
@@ -274,10 +223,12 @@ def install_helper_and_watchdog(conn: Connection, paths: InstancePaths, cfg: Vas
     conn.call(install)
 
 
-def deploy_code(conn: Connection, paths: InstancePaths, bundle: CodeBundle, cfg: VastConfig) -> tuple[str, str]:
+def deploy_code(conn: Connection, paths: InstancePaths, bundle: CodeBundle, settings: RuntimeSettings,
+                python: str | None = None) -> tuple[str, str]:
     """Clone the bundle (+ changes) into code-<version> and install dependencies; (code dir, python).
 
-    Idempotent: a version already deployed (its python-<version> file exists) is reused.
+    Idempotent: a version already deployed (its python-<version> file exists) is reused. `python`: the
+    host's interpreter with torch (hosts of your own); None = the image's python3 (rented instances).
     """
     code, python_file = paths.code(bundle.version), paths.python_file(bundle.version)
     q = shlex.quote
@@ -286,9 +237,10 @@ def deploy_code(conn: Connection, paths: InstancePaths, bundle: CodeBundle, cfg:
         result = remote.run(f"cat {q(python_file)} 2>/dev/null")
         return result.stdout.strip() or None
 
-    python = conn.call(existing)
-    if python:
-        return code, python
+    deployed = conn.call(existing)
+    if deployed:
+        return code, deployed
+    base_python = q(python or "python3")
     upload = f"{paths.base}/upload-{bundle.version}"
 
     def push(remote: Remote) -> None:
@@ -313,24 +265,24 @@ def deploy_code(conn: Connection, paths: InstancePaths, bundle: CodeBundle, cfg:
     if bundle.untracked:
         steps.append(f"tar -xf {q(upload + '/untracked.tar')} -C {q(code + '.tmp')}")
     steps += [f"rm -rf {q(code)}", f"mv {q(code + '.tmp')} {q(code)}", f"rm -rf {q(upload)}"]
-    _run_script(conn, "deploy the code", steps, cfg.install_timeout_seconds)
+    _run_script(conn, "deploy the code", steps, settings.install_timeout_seconds)
 
     venv = f"{paths.base}/venv"
-    check = f"python3 {q(paths.supervisor)} has-requirements --requirements {q(code + '/' + REQUIREMENTS)}"
+    check = f"{base_python} {q(paths.supervisor)} has-requirements --requirements {q(code + '/' + REQUIREMENTS)}"
     install = [
         "set -e",
         f"cd {q(code)}",
         f"if [ -f {q(REQUIREMENTS)} ] && ! {check}; then",
-        f"  python3 -m venv --system-site-packages {q(venv)}",
+        f"  {base_python} -m venv --system-site-packages {q(venv)}",
         f"  {q(venv + '/bin/pip')} install --disable-pip-version-check -q -r {q(REQUIREMENTS)}",
         f"  echo {q(venv + '/bin/python')} > {q(python_file)}.tmp",
         "else",
-        f"  command -v python3 > {q(python_file)}.tmp",
+        f"  command -v {base_python} > {q(python_file)}.tmp",
         "fi",
         f"mv {q(python_file)}.tmp {q(python_file)}",
         f"cat {q(python_file)}",
     ]
-    result = _run_script(conn, "install dependencies", install, cfg.install_timeout_seconds)
+    result = _run_script(conn, "install dependencies", install, settings.install_timeout_seconds)
     return code, result.strip().splitlines()[-1]
 
 
@@ -339,7 +291,7 @@ def _run_script(conn: Connection, what: str, steps: list[str], timeout: float) -
     started = time.monotonic()
     result = conn.run(["bash", "-s"], stdin=script.encode(), timeout=timeout, retries=2)
     if result.exit_code != 0:
-        raise DeployError(f"{what} failed on the instance (exit {result.exit_code}, "
+        raise DeployError(f"{what} failed on the host (exit {result.exit_code}, "
                           f"{time.monotonic() - started:.0f}s):\n{result.tail(25)}")
     return result.stdout
 

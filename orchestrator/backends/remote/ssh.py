@@ -1,8 +1,8 @@
-"""SSH to rented instances with paramiko: a pinned host key, quoted commands, timeouts, retries.
+"""SSH to remote hosts (rented instances, machines of your own) with paramiko: a pinned host key, quoted commands, timeouts, retries.
 
 Trust on first contact, then never again: the first connection to an
-instance records its host key (the caller stores it in the ledger,
-`instances.host_key`); every later connection is made with that key and
+host records its host key (the caller stores it in the ledger: `instances.host_key`
+for rented ones, an `ssh.host_key` event for hosts of your own); every later connection is made with that key and
 paramiko's RejectPolicy, so a changed key raises `HostKeyChanged` instead of
 talking to whoever answers. Nothing here ever adds keys automatically.
 
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 T = TypeVar("T")
 
-USER = "root"
+DEFAULT_USER = "root"
 
 
 class SshError(Exception):
@@ -162,7 +162,7 @@ class Remote:
 
     @classmethod
     def connect(cls, host: str, port: int, key: paramiko.PKey, pinned_host_key: str | None,
-                timeout: float) -> "Remote":
+                timeout: float, user: str = DEFAULT_USER) -> "Remote":
         client = paramiko.SSHClient()
         first_contact = _PinAtFirstContact()
         if pinned_host_key:
@@ -172,7 +172,7 @@ class Remote:
         else:
             client.set_missing_host_key_policy(first_contact)
         try:
-            client.connect(host, port=port, username=USER, pkey=key, timeout=timeout, banner_timeout=timeout,
+            client.connect(host, port=port, username=user, pkey=key, timeout=timeout, banner_timeout=timeout,
                            auth_timeout=timeout, channel_timeout=timeout, allow_agent=False, look_for_keys=False)
         except paramiko.BadHostKeyException as exc:
             client.close()
@@ -298,11 +298,12 @@ class Remote:
 
 
 class Connection:
-    """The way to one instance: connects lazily with the pinned key, one user at a time, with retries."""
+    """The way to one host: connects lazily with the pinned key, one user at a time, with retries."""
 
     def __init__(self, host: str, port: int, key: paramiko.PKey, pinned_host_key: str | None, *,
-                 timeout: float, retries: int, on_pin: Callable[[str], None] | None = None):
-        self.host, self.port = host, port
+                 timeout: float, retries: int, on_pin: Callable[[str], None] | None = None,
+                 user: str = DEFAULT_USER):
+        self.host, self.port, self.user = host, port, user
         self.key = key
         self.pinned_host_key = pinned_host_key
         self.timeout = timeout
@@ -315,7 +316,7 @@ class Connection:
         if self._remote is not None and self._remote.alive:
             return self._remote
         self._drop()
-        remote = Remote.connect(self.host, self.port, self.key, self.pinned_host_key, self.timeout)
+        remote = Remote.connect(self.host, self.port, self.key, self.pinned_host_key, self.timeout, self.user)
         if not self.pinned_host_key:
             self.pinned_host_key = remote.host_key
             if self.on_pin:

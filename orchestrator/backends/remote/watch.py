@@ -1,13 +1,13 @@
-"""Watching one attempt on its instance, from the supervisor's start to the pulled results and an outcome.
+"""Watching one attempt on its host, from the supervisor's start to the pulled results and an outcome.
 
-The loop polls the instance every `poll_seconds`: new metrics rows and GPU
-health become events, checkpoints are pulled every few minutes. It ends when
-the supervisor reports the trainer's exit (results are pulled, the outcome
-follows from the exit code), when `stop` is set or the budget is spent (the
-trainer is SIGTERMed through the supervisor, checkpoints, and is collected), or
-when the instance is lost: exited/offline at the provider, no heartbeat, or no
-contact for `heartbeat_timeout_seconds` (outcome "preempted"; the instance is
-destroyed and its machine avoided).
+The watch knows no provider: what only the provider can say (is the host gone? is the budget
+spent?) and do (give a host up) it asks its `HostOwner`, the backend. The loop polls the host
+every `poll_seconds`: new metrics rows and GPU health become events, checkpoints are
+pulled every few minutes. It ends when the supervisor reports the trainer's exit
+(results are pulled, the outcome follows from the exit code), when `stop` is set or
+the budget is spent (the trainer is SIGTERMed through the supervisor, checkpoints,
+and is collected), or when the host is lost: gone at the provider, no heartbeat, or no contact for
+`heartbeat_timeout_seconds` (outcome "preempted"; the owner gives the host up).
 """
 
 from __future__ import annotations
@@ -16,31 +16,45 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
-from orchestrator.backends.vast import provider
-from orchestrator.backends.vast.attempt import News, RemoteAttempt, log_tail
-from orchestrator.backends.vast.pool import PooledInstance
-from orchestrator.backends.vast.ssh import HostKeyChanged, SshError
+from orchestrator.backends.remote.attempt import News, RemoteAttempt, log_tail
+from orchestrator.backends.remote.pool import PooledInstance
+from orchestrator.backends.remote.settings import RuntimeSettings
+from orchestrator.backends.remote.ssh import HostKeyChanged, SshError
 from orchestrator.telemetry.gpu import NVIDIA_SMI_QUERY, parse_nvidia_smi_csv
-
-if TYPE_CHECKING:
-    from orchestrator.backends.vast.backend import VastBackend
 
 EXIT_DIVERGED = 3          # trainers/common.py
 EXIT_SIGTERM = 143
 DRAIN_POLLS = 50           # at most this many extra polls to read what a finished trainer left
 
 
+class HostOwner(Protocol):
+    """What a watch asks of the backend that owns its host."""
+    settings: RuntimeSettings
+
+    def host_gone(self, instance: PooledInstance) -> str | None:
+        """Why the host is gone for good (the provider says so), or None when it may still answer."""
+
+    def stop_reason(self) -> str | None:
+        """Why every arm must stop now (a spent budget), or None."""
+
+    def silence_now(self) -> float | None:
+        """The dead-man silence to write at each poll (what the budget still pays for), or None."""
+
+    def lose_host(self, instance: PooledInstance, why: str) -> None:
+        """Give up a host that failed an attempt: avoid it and take it out of service."""
+
+
 class AttemptWatch:
-    def __init__(self, backend: "VastBackend", instance: PooledInstance, spec: AttemptSpec, gpus: list[int],
+    def __init__(self, owner: HostOwner, instance: PooledInstance, spec: AttemptSpec, gpus: list[int],
                  emit: Emit, stop: threading.Event):
-        self.backend, self.cfg, self.instance = backend, backend.cfg, instance
+        self.owner, self.cfg, self.instance = owner, owner.settings, instance
         self.spec, self.gpus, self.emit, self.stop = spec, gpus, emit, stop
         self.out_dir = Path(spec.out_dir)
         self.remote = RemoteAttempt(instance.conn, instance.paths, spec.attempt_id, self.out_dir, self.cfg)
-        self.remote.silence_limit = backend.budget.silence_now
+        self.remote.silence_limit = owner.silence_now
         self.stop_reason: str | None = None
         self.adopting = False
 
@@ -55,7 +69,7 @@ class AttemptWatch:
         local_config = {**self.spec.config, **self.spec.upstream_dirs}
         (self.out_dir / "config.json").write_text(json.dumps(local_config, indent=2, sort_keys=True))
         with open(self.out_dir / "log", "a") as handle:
-            handle.write(f"\n=== attempt {self.spec.attempt_id} on vast instance {self.instance.provider_id} "
+            handle.write(f"\n=== attempt {self.spec.attempt_id} on {self.instance.host_label} "
                          f"(GPU {','.join(map(str, self.gpus))}) at {time.ctime()} ===\n")
         self.remote.upload_inputs(self.spec.config, self.spec.upstream_dirs, self.spec.env)
         news = self.remote.start(code=code, python=python, trainer=self.spec.trainer, gpus=self.gpus,
@@ -69,7 +83,7 @@ class AttemptWatch:
         news = self.remote.poll()
         if news.exit is None and not news.alive:
             return AttemptResult("lost", reason=f"no supervisor is running for attempt {self.spec.attempt_id} on "
-                                                f"instance {self.instance.provider_id} and it left no exit status")
+                                                f"{self.instance.host_label} and it left no exit status")
         self.announce(news)
         return self.watch(news)
 
@@ -93,15 +107,15 @@ class AttemptWatch:
             if news.exit is not None:
                 return self.finish(news)
             if not news.alive:
-                status = self.backend.provider_status(self.instance)
-                if status == "gone" or status in provider.TERMINAL_STATUSES:
-                    return self.instance_lost(f"instance {self.instance.provider_id} is {status}")
+                gone = self.owner.host_gone(self.instance)
+                if gone:
+                    return self.instance_lost(gone)
                 return self.instance_lost("the supervisor died without an exit status", keep_instance=True)
             if news.heartbeat_at is not None and news.now - news.heartbeat_at > self.cfg.heartbeat_timeout_seconds:
                 return self.instance_lost(f"no heartbeat for {news.now - news.heartbeat_at:.0f}s")
             now = time.monotonic()
             if stop_sent_at is None:
-                reason = "stopped" if self.stop.is_set() else self.backend.budget.exhausted()
+                reason = "stopped" if self.stop.is_set() else self.owner.stop_reason()
                 if reason:
                     self.stop_reason = reason
                     self.remote.request_stop()
@@ -128,9 +142,9 @@ class AttemptWatch:
             except HostKeyChanged:
                 raise
             except SshError as exc:
-                status = self.backend.provider_status(self.instance)
-                if status == "gone" or status in provider.TERMINAL_STATUSES:
-                    return self.instance_lost(f"instance {self.instance.provider_id} is {status}")
+                gone = self.owner.host_gone(self.instance)
+                if gone:
+                    return self.instance_lost(gone)
                 silent = time.monotonic() - last_contact
                 if silent > self.cfg.heartbeat_timeout_seconds:
                     return self.instance_lost(f"no contact for {silent:.0f}s ({exc})")
@@ -178,9 +192,8 @@ class AttemptWatch:
         return AttemptResult("failed", code, f"trainer exited {code}: {log_tail(self.out_dir / 'log')}", end_step)
 
     def instance_lost(self, why: str, keep_instance: bool = False) -> AttemptResult:
-        """The attempt cannot go on: preempted (lost when adopting); a dead instance is destroyed and avoided."""
+        """The attempt cannot go on: preempted (lost when adopting); a dead host is given up and avoided."""
         if not keep_instance:
-            self.backend.exclude_machine(self.instance)
-            self.backend.retire(self.instance, why)
+            self.owner.lose_host(self.instance, why)
         outcome = "lost" if self.adopting or keep_instance else "preempted"
         return AttemptResult(outcome, None, why, self.remote.last_step)

@@ -1,4 +1,4 @@
-"""One attempt of an arm run on an instance: inputs up, supervisor started, news polled, results pulled.
+"""One attempt of an arm run on a remote host: inputs up, supervisor started, news polled, results pulled.
 
 Remote work folder `work/a<attempt id>/` (see deploy.py for the instance layout):
   config.json, env.json          what the trainer gets
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from orchestrator.backends.vast.config import VastConfig
-from orchestrator.backends.vast.deploy import DeployError, InstancePaths, detached
-from orchestrator.backends.vast.ssh import Connection, RefusedFile, Remote, RemoteEntry, SshError, plain_name
+from orchestrator.backends.remote.deploy import DeployError, InstancePaths, detached
+from orchestrator.backends.remote.settings import RuntimeSettings
+from orchestrator.backends.remote.ssh import Connection, RefusedFile, Remote, RemoteEntry, SshError, plain_name
 
 RESULT_FILES = ("summary.json", "artifact.pt")
 
@@ -119,8 +119,9 @@ class News:
 
 
 class RemoteAttempt:
-    def __init__(self, conn: Connection, paths: InstancePaths, attempt_id: int, out_dir: Path, cfg: VastConfig):
-        self.conn, self.paths, self.cfg = conn, paths, cfg
+    def __init__(self, conn: Connection, paths: InstancePaths, attempt_id: int, out_dir: Path,
+                 settings: RuntimeSettings):
+        self.conn, self.paths, self.settings = conn, paths, settings
         self.work = paths.work(attempt_id)
         self.out_dir = Path(out_dir)
         self.metrics = LocalMetrics(self.out_dir / "metrics.jsonl")
@@ -130,7 +131,7 @@ class RemoteAttempt:
         self.silence_limit: Callable[[], float | None] = lambda: None    # the dead-man silence to set at each poll
 
     def helper(self, *args: str) -> list[str]:
-        return ["python3", self.paths.supervisor, *args]
+        return [self.paths.python, self.paths.supervisor, *args]
 
     # ---- before the trainer starts ----
 
@@ -166,11 +167,11 @@ class RemoteAttempt:
         argv = self.helper(
             "run", "--workdir", self.work, "--code", code, "--python", python, "--trainer", trainer,
             "--gpus", ",".join(str(g) for g in gpus), "--threads", str(threads),
-            "--heartbeat-seconds", f"{self.cfg.heartbeat_seconds:g}", "--health-seconds",
-            f"{self.cfg.health_seconds:g}", "--health-command", json.dumps(health_command),
-            "--stop-grace-seconds", f"{self.cfg.stop_grace_seconds:g}", "--env-file", f"{self.work}/env.json")
+            "--heartbeat-seconds", f"{self.settings.heartbeat_seconds:g}", "--health-seconds",
+            f"{self.settings.health_seconds:g}", "--health-command", json.dumps(health_command),
+            "--stop-grace-seconds", f"{self.settings.stop_grace_seconds:g}", "--env-file", f"{self.work}/env.json")
         self.conn.run(detached(self.work, argv, self.work + "/supervisor.log"), check=True)
-        deadline = time.monotonic() + max(30.0, self.cfg.ssh_timeout_seconds)
+        deadline = time.monotonic() + max(30.0, self.settings.ssh_timeout_seconds)
         rows: list[dict] = []
         health: list[dict] = []
         while True:

@@ -1,10 +1,13 @@
-"""The run's rented instances, shared by its attempts: packing arms onto GPUs, and reuse.
+"""The run's hosts (rented instances, or machines of your own), shared by its attempts: packing arms onto
+GPUs, and reuse.
 
 An attempt `claim`s GPUs: on a ready instance with room (the fullest first, so
 arms pack densely), else on an instance another attempt is launching (it waits
 for it), else it gets a new `launching` instance and becomes its launcher. An
 attempt that ends `release`s its GPUs; an instance nobody holds is idle, and is
-kept for the next claim (keep_instances) until it has been idle too long.
+kept for the next claim (keep_instances) until it has been idle too long. A pool of fixed hosts
+(`InstancePool(provider, grows=False)`) never asks for a new one: claims wait for room, and fail with
+`NoHostLeft` once every host is gone.
 
 Each instance has one `Connection` whose lock makes it the single owner of the
 instance's SSH traffic, and a `prepare_lock` so one deploy runs at a time.
@@ -17,8 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from orchestrator.backends.vast.deploy import InstancePaths
-from orchestrator.backends.vast.ssh import Connection
+from orchestrator.backends.remote.deploy import InstancePaths
+from orchestrator.backends.remote.ssh import Connection
 
 _serial = itertools.count(1)
 
@@ -27,10 +30,15 @@ class PoolClosed(Exception):
     """The backend is shutting down: no new claims."""
 
 
+class NoHostLeft(Exception):
+    """A pool of fixed hosts has none left that could run the claim."""
+
+
 @dataclass(eq=False)
 class PooledInstance:
     num_gpus: int
     max_arms: int
+    provider: str = ""                        # names the host in labels: "<provider>-<provider_id>"
     state: str = "launching"                  # launching -> ready -> retired (or failed)
     serial: int = field(default_factory=lambda: next(_serial))
     ledger_id: int | None = None
@@ -48,7 +56,7 @@ class PooledInstance:
 
     @property
     def host_label(self) -> str:
-        return f"vast-{self.provider_id}"
+        return f"{self.provider}-{self.provider_id}"
 
     def free_gpus(self) -> list[int]:
         used = {g for gpus in self.holders.values() for g in gpus}
@@ -60,7 +68,8 @@ class PooledInstance:
 
 
 class InstancePool:
-    def __init__(self) -> None:
+    def __init__(self, provider: str, grows: bool = True) -> None:
+        self.provider, self.grows = provider, grows
         self._cond = threading.Condition()
         self._instances: list[PooledInstance] = []
         self.closed = False
@@ -74,9 +83,19 @@ class InstancePool:
         with self._cond:
             while True:
                 if self.closed:
-                    raise PoolClosed("the vast backend is shutting down")
+                    raise PoolClosed(f"the {self.provider} backend is shutting down")
                 rooms = [i for i in self._instances if i.has_room(gpus)]
                 rooms.sort(key=lambda i: (i.state != "ready", -len(i.holders), i.serial))
+                if not self.grows:
+                    if rooms:
+                        is_new = False
+                        break
+                    if not any(i.num_gpus >= gpus for i in self._instances):
+                        raise NoHostLeft(f"no {self.provider} host left with {gpus} GPU(s)")
+                    if stop is not None and stop.is_set():
+                        return None
+                    self._cond.wait(0.5)
+                    continue
                 is_new = not rooms
                 if not is_new or max_instances is None or len(self._instances) < max_instances:
                     break
@@ -84,7 +103,7 @@ class InstancePool:
                     return None
                 self._cond.wait(0.5)
             if is_new:
-                instance = PooledInstance(num_gpus=num_gpus, max_arms=max_arms)
+                instance = PooledInstance(num_gpus=num_gpus, max_arms=max_arms, provider=self.provider)
                 self._instances.append(instance)
             else:
                 instance = rooms[0]
@@ -97,8 +116,9 @@ class InstancePool:
         """Add an instance found in the ledger (ready, possibly with attempts that are still running)."""
         with self._cond:
             for known in self._instances:
-                if known.ledger_id == instance.ledger_id:
+                if known is instance or (instance.ledger_id is not None and known.ledger_id == instance.ledger_id):
                     return known
+            instance.provider = instance.provider or self.provider
             instance.state = "ready"
             instance.ready.set()
             instance.idle_since = None if instance.holders else time.monotonic()
