@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -10,14 +11,17 @@ class JsonlTail:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.offset = 0
+        self.inode: int | None = None
         self.last_step: int | None = None
 
     def read_new(self) -> list[dict]:
         try:
             with open(self.path, "rb") as f:
-                size = f.seek(0, 2)
-                if size < self.offset:          # truncated: a resumed trainer dropped steps after its checkpoint
-                    self.offset = 0
+                inode, size = os.fstat(f.fileno()).st_ino, f.seek(0, 2)
+                # A resumed trainer replaces the file (atomically, a new inode) with the rows up to its checkpoint,
+                # which may already be as long as what was read before: start over on a new file or a shorter one.
+                if inode != self.inode or size < self.offset:
+                    self.inode, self.offset = inode, 0
                 f.seek(self.offset)
                 data = f.read()
         except FileNotFoundError:

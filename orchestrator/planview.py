@@ -7,6 +7,7 @@ from rich.table import Table
 
 from orchestrator.backends.provision import capabilities
 from orchestrator.cost.estimate import Estimate, estimate_study, local_dollars_per_hour, record_estimate
+from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 from orchestrator.spec import Plan, PlannedUpstream, flatten
 
@@ -105,6 +106,31 @@ def print_plan(plan: Plan, console: Console) -> None:
             console.print(f"at most, with {study.max_seeds} seeds for every arm: {most.describe()}")
     if study.budget.max_dollars:
         console.print(f"budget: ${study.budget.max_dollars:.2f}")
+    if study.backend == "vast":
+        for line in vast_offer_lines(study):
+            console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+PLAN_OFFERS = 5                 # ranked offers the plan shows
+PLAN_SEARCH_SECONDS = 5.0       # the plan's offer search gives up after this long (the plan never waits on it)
+
+
+def vast_offer_lines(study) -> list[str]:
+    """The offers a vast study would rent, best first, from a live search (the ranking `_launch` walks: a failed
+    offer moves on to the next); a line saying why not when the API cannot be asked."""
+    from orchestrator.backends.vast import provider
+    from orchestrator.backends.vast.config import VastConfig
+    from orchestrator.backends.vast.offers import format_plan, plan_rows, rank
+
+    cfg = VastConfig.model_validate(study.vast or {})
+    quick = cfg.model_copy(update={"api_deadline_seconds": min(cfg.api_deadline_seconds, PLAN_SEARCH_SECONDS)})
+    try:
+        offers = rank(provider.search_offers(provider.make_client(cfg.server_url), quick), set(), cfg=cfg)
+    except (UserError, provider.ProviderError) as exc:
+        return [f"vast offers: not searched ({exc})"]
+    kind = "bids" if cfg.interruptible else "on demand"
+    return [f"vast offers, best first by $/h over reliability ({kind}; a failed one moves on to the next):",
+            *format_plan(plan_rows(offers[:PLAN_OFFERS], cfg))]
 
 
 def estimate_event(ledger: Ledger, run_id: str, plan: Plan, gpus: float) -> None:

@@ -147,6 +147,7 @@ def test_instance_lifecycle_ssh_sftp_detached_process_destroy_and_charge(sim, va
     seen = []
     wait_for(lambda: seen.append(vast.show_instance(instance_id)["actual_status"]) or seen[-1] == "running",
              what="running")
+    running_seen = time.time()
     assert seen[0] is None and "loading" in seen
     row = vast.show_instance(instance_id)
     assert row["label"] == "armature:test:arm0" and row["intended_status"] == "running"
@@ -188,7 +189,9 @@ def test_instance_lifecycle_ssh_sftp_detached_process_destroy_and_charge(sim, va
     charges = vast.show_invoices_v1(charges=True, limit=100)
     line = next(r for r in charges["results"] if r["metadata"]["instance_id"] == instance_id)
     gpu_seconds = line["metadata"]["gpu_seconds"]
-    assert destroy_started - created_after - 0.01 <= gpu_seconds <= destroyed - created_before + 0.01
+    # the GPU is billed while running (not while loading), storage from the create request
+    assert destroy_started - running_seen - 0.01 <= gpu_seconds <= destroyed - created_after + 0.01
+    assert line["metadata"]["storage_seconds"] >= destroy_started - created_after
     storage = 20 * 0.15 * line["metadata"]["storage_seconds"] / (30 * 24 * 3600)
     assert line["amount"] == pytest.approx(0.40 * gpu_seconds / 3600 + storage, rel=1e-4)
     assert line["type"] == "instance" and line["metadata"]["label"] == "armature:test:arm0"

@@ -42,7 +42,8 @@ class Simulator:
     Scenario controls: ``set_faults(offer_id=None, **faults)`` / ``clear_faults()``,
     ``preempt(id)``, ``go_offline(id)``, ``change_host_key(id)``, ``set_gpu(id, gpu=None, **values)``,
     ``add_offer(config)`` / ``remove_offer(offer_id)``, ``compete(offer_id, on_demand=0, bids=())`` (other renters
-    in the bid market of an offer with a ``capacity``), ``add_traffic(id, up_bytes, down_bytes)``. Inspection: ``instances()``,
+    in the bid market of an offer with a ``capacity``), ``add_traffic(id, up_bytes, down_bytes)``.
+    Inspection: ``instances()``,
     ``instance_pids(id)``, ``instance_home(id)``, ``sftp_reading(id)``, ``state()``. ``stop()`` destroys every
     instance and kills all of their processes.
     """
@@ -124,7 +125,7 @@ class Simulator:
             self._log_handler.close()
 
     def __enter__(self) -> "Simulator":
-        return self.start()
+        return self if self._server is not None else self.start()    # `with Simulator(...).start() as sim` too
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -156,6 +157,8 @@ class Simulator:
                     except Exception:  # keep the clock going for the other instances
                         self.log.exception("instance %s: lifecycle step failed", inst.id)
                 if changed:
+                    for offer_id in [o["id"] for o in self.offers.values() if o["capacity"] is not None]:
+                        self._settle_market(offer_id)     # a fault preempted a holder: a waiting bid may resume
                     self._save()
 
     # ---- helpers for the API -----------------------------------------------
@@ -343,7 +346,8 @@ class Simulator:
             raise SimError(400, "invalid_args", f"price: {price!r} is not a number ($/h)") from None
         if bid < offer["min_bid"]:
             raise SimError(400, "invalid_args",
-                           f"price: a bid of ${bid:g}/h is below offer {offer['id']}'s minimum bid ${offer['min_bid']:g}/h")
+                           f"price: a bid of ${bid:g}/h is below offer {offer['id']}'s minimum bid "
+                           f"${offer['min_bid']:g}/h")
         return bid
 
     def _holders(self, offer_id: int) -> list[tuple]:

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import ray
 from ray._private import ray_constants
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator.backends import transfer
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
@@ -155,20 +156,20 @@ def _run_trainer(spec: AttemptSpec, board, out: Path, ship: bool, driver_host: s
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     # The code this task was imported from: on a cluster the driver joined, this node's copy of the job's
     # runtime_env working_dir (Ray puts it first on the path), else this checkout.
-    code = REPO_ROOT
+    code_dir = REPO_ROOT
     env = {**os.environ, **spec.env,
            "CUDA_VISIBLE_DEVICES": ",".join(gpu_ids),
            "OMP_NUM_THREADS": str(max(1, int(spec.cpus))),
-           "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONPATH": str(code_dir) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONUNBUFFERED": "1"}
     host = socket.gethostname()
     telemetry = NodeTelemetry(gpu_ids, spec.cpus, host) if host != driver_host else None
     with open(out / "log", "ab") as log:
-        log.write(f"\n=== attempt {spec.attempt_id} on {host} at {time.ctime()} (code in {code}) ===\n".encode())
+        log.write(f"\n=== attempt {spec.attempt_id} on {host} at {time.ctime()} (code in {code_dir}) ===\n".encode())
         log.flush()
         child = subprocess.Popen(
             [sys.executable, "-m", f"trainers.{spec.trainer}", "--config", str(out / "config.json"), "--out", str(out)],
-            cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=code_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent)
     yield {"kind": "attempt", "pid": child.pid, "pid_start_time": process_start_time(child.pid),
            "host": host, "ray_node": ray.get_runtime_context().get_node_id(),
@@ -342,7 +343,9 @@ class LocalBackend:
                 with _loopback_only():
                     ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count(), **quiet)
                 self._started_ray = True
-        self._board = StopBoard.remote()
+        # on the driver's own node: a board on a worker node would die with that node, and every attempt with it
+        driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._board = StopBoard.options(scheduling_strategy=driver_node).remote()
         self._watch = RayWatch(self._started_ray, None if self._started_ray else ray.get_runtime_context().gcs_address)
 
     def resources(self) -> dict:

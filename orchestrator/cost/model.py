@@ -1,8 +1,10 @@
 """The cost model: what each attempt, instance and idle hour cost, from the ledger alone.
 
-A rented instance costs its contracted `dph_total` ($/h, storage included) over its
-billed lifetime: from `created_at` to the provider-confirmed `destroyed_at`, or to
-now while it is not confirmed gone ("still running"). That lifetime is cut into lines:
+A rented instance costs its contracted `dph_total` ($/h: the offer's price, or the bid of an
+interruptible rental) plus its storage (disk_gb x storage_cost $/GB/month, Vast bills it for every
+second the instance exists: loading, stopped and exited included) over its billed lifetime: from
+`created_at` to the provider-confirmed `destroyed_at`, or to now while it is not confirmed gone
+("still running"). That lifetime is cut into lines:
 
   boot     created_at -> ready_at (or the whole life when it never became ready)
   deploy   an attempt on the ready instance before its arm run reached `running`
@@ -50,6 +52,9 @@ OVERHEAD_KINDS = ("boot", "idle")
 # no provider id and a failed state.
 _UNBILLED_STATES = ("failed", "failed_create")
 _BILLED_SQL = "NOT (provider_instance_id IS NULL AND state IN ('failed', 'failed_create'))"
+MONTH_HOURS = 30 * 24.0          # Vast's storage month
+# An instance's $/h all in: the contracted GPU rate plus its storage (zero where the ledger has no disk price).
+_RATE_SQL = f"(dph_total + COALESCE(disk_gb * storage_cost, 0) / {MONTH_HOURS})"
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def current_spend(ledger: Ledger, run_id: str, now: float | None = None, rates: 
     now = time.time() if now is None else now
     rates = rates or Rates.from_env()
     rented = ledger.query_one(
-        "SELECT COALESCE(SUM(dph_total * MAX(0, MIN(COALESCE(destroyed_at, ?1), ?1) - created_at)), 0)"
+        f"SELECT COALESCE(SUM({_RATE_SQL} * MAX(0, MIN(COALESCE(destroyed_at, ?1), ?1) - created_at)), 0)"
         f" / 3600.0 AS dollars FROM instances WHERE run_id = ?2 AND dph_total IS NOT NULL AND {_BILLED_SQL}",
         (now, run_id))["dollars"]
     local = ledger.query_one(
@@ -114,7 +119,7 @@ def current_spend(ledger: Ledger, run_id: str, now: float | None = None, rates: 
 
 def burn_rate(ledger: Ledger, run_id: str | None = None) -> float:
     """$/h of the rented instances alive now (not confirmed destroyed), of one run or of all."""
-    sql = ("SELECT COALESCE(SUM(dph_total), 0) AS dph FROM instances"
+    sql = (f"SELECT COALESCE(SUM({_RATE_SQL}), 0) AS dph FROM instances"
            f" WHERE destroyed_at IS NULL AND dph_total IS NOT NULL AND {_BILLED_SQL}")
     if run_id is None:
         return ledger.query_one(sql)["dph"]
@@ -157,6 +162,15 @@ def instance_is_billed(instance: dict) -> bool:
     return not (instance["provider_instance_id"] is None and instance["state"] in _UNBILLED_STATES)
 
 
+def dollars_per_hour(instance: dict) -> float | None:
+    """What an instance costs per hour of its life: its contracted $/h plus its storage; None without a $/h."""
+    if instance["dph_total"] is None:
+        return None
+    disk_gb, storage_cost = instance.get("disk_gb"), instance.get("storage_cost")
+    storage = 0.0 if disk_gb is None or storage_cost is None else disk_gb * storage_cost / MONTH_HOURS
+    return instance["dph_total"] + storage
+
+
 def instance_end(instance: dict, now: float) -> tuple[float, bool]:
     """When billing of an instance ends (or now), and whether it is still running."""
     if instance["destroyed_at"] is not None:
@@ -171,7 +185,7 @@ def instance_cost(instance: dict, now: float) -> float | None:
     if instance["dph_total"] is None:
         return None
     end, _ = instance_end(instance, now)
-    return instance["dph_total"] * (end - instance["created_at"]) / 3600
+    return dollars_per_hour(instance) * (end - instance["created_at"]) / 3600
 
 
 def gpus_held(attempt: dict, capacity: float) -> float:
@@ -196,7 +210,7 @@ def price_instance(instance: dict, attempts: list[dict], now: float) -> list[Cos
     start = instance["created_at"]
     end, still_running = instance_end(instance, now)
     capacity = float(instance["num_gpus"] or 1)
-    rate = instance["dph_total"]
+    rate = dollars_per_hour(instance)
     ready = end if instance["ready_at"] is None else min(max(instance["ready_at"], start), end)
 
     def new_line(kind: str, waste: bool, attempt: dict | None = None) -> CostLine:

@@ -176,7 +176,8 @@ def record_instance_status(ledger: Ledger, instance_id: int, status: str, at: fl
 
 def status_changes(ledger: Ledger, instance_id: int) -> list[tuple[float, str]]:
     """(at, status) of an instance's recorded status moves, oldest first."""
-    rows = ledger.query("SELECT detail_json FROM events WHERE kind = ? AND json_extract(detail_json, '$.instance_id') = ?",
+    rows = ledger.query("SELECT detail_json FROM events"
+                        " WHERE kind = ? AND json_extract(detail_json, '$.instance_id') = ?",
                         (STATUS_EVENT, instance_id))
     changes = [(float(d["at"]), d["status"]) for d in (json.loads(r["detail_json"]) for r in rows)]
     return sorted(changes)
@@ -187,7 +188,8 @@ def running_periods(instance: dict, changes: list[tuple[float, str]], end: float
     if not changes:
         if instance["ready_at"] is None:
             return []
-        stops = [t for t in (instance["stopped_at"], instance["exited_at"]) if t is not None and t >= instance["ready_at"]]
+        stops = [t for t in (instance["stopped_at"], instance["exited_at"])
+                 if t is not None and t >= instance["ready_at"]]
         return [(instance["ready_at"], min([end, *stops]))]
     periods, opened = [], None
     for at, status in changes:
@@ -254,8 +256,9 @@ def mismatch_reason(expected: ExpectedBill | None, bill: float | None, breakdown
     if bandwidth > threshold_ratio * max(expected.dollars, 1e-9):
         reasons.append(f"bandwidth ${bandwidth:.4f} billed, which armature does not meter")
     rate = breakdown.get("dph_total")
-    if rate is not None and expected.gpu_seconds and abs(rate - expected.gpu_dollars * 3600 / expected.gpu_seconds) > 1e-6:
-        reasons.append(f"GPU billed at ${rate:g}/h, the ledger has ${expected.gpu_dollars * 3600 / expected.gpu_seconds:g}/h")
+    contracted = expected.gpu_dollars * 3600 / expected.gpu_seconds if expected.gpu_seconds else None
+    if rate is not None and contracted is not None and abs(rate - contracted) > 1e-6:
+        reasons.append(f"GPU billed at ${rate:g}/h, the ledger has ${contracted:g}/h")
     return "; ".join([total, *reasons]) if reasons else f"{total}; no single part explains it"
 
 

@@ -182,6 +182,12 @@ def _reconciliation_rows(report: CostReport) -> list[list[str]]:
 RECONCILIATION_COLUMNS = ("Instance", "Vast id", "Run", "Estimate", "Billed", "Difference", "Status")
 
 
+def _mismatch_reasons(report: CostReport) -> list[str]:
+    """Why each flagged instance's bill differs from the estimate (cost.reconcile.mismatch_reason)."""
+    return [f"Instance {check.instance_id}: {check.reason}" for check in report.reconciliation
+            if check.flagged and check.reason]
+
+
 def _has_bills(report: CostReport) -> bool:
     return any(check.billed_dollars is not None for check in report.reconciliation)
 
@@ -228,6 +234,8 @@ def render_table(report: CostReport, *, detail: bool = False, console_width: int
         for cells in _reconciliation_rows(report):
             table.add_row(*cells)
         console.print(table)
+        for reason in _mismatch_reasons(report) if detail else []:
+            say(reason)
     notes = _notes(report)
     if notes:
         say()
@@ -376,6 +384,8 @@ def render_markdown(report: CostReport, *, detail: bool = False) -> str:
             ""]
     if _has_bills(report):
         out += ["### Billed vs estimate", "", *_md_table(RECONCILIATION_COLUMNS, _reconciliation_rows(report), 3), ""]
+        reasons = _mismatch_reasons(report) if detail else []
+        out += [f"- {reason}" for reason in reasons] + ([""] if reasons else [])
     notes = _notes(report)
     if notes:
         out += [f"- {note}" for note in notes] + [""]

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
 from orchestrator.backends.vast import offers as offer_rules
-from orchestrator.backends.vast import provider
+from orchestrator.backends.vast import outbid, provider
+from orchestrator.backends.vast.idle import ArmActivity, IdleWatch, record_idle_waste
+from orchestrator.cost.reconcile import observe_instance
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.remote.deploy import (CodeBundle, DeployError, deploy_code, deploy_record,
                                                  install_helper_and_watchdog, make_code_bundle, resolve_paths)
@@ -63,6 +65,9 @@ class VastBackend:
         self._closing = threading.Event()
         self._idle_thread: threading.Thread | None = None
         self._shut_down = False
+        self.activity = ArmActivity()                    # what each attempt's events said (idle GPUs, outbids)
+        self.idle_watch = IdleWatch.from_config(cfg)
+        self._resumed_after_outbid: set[int] = set()     # ledger ids of instances kept for the next attempt
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -140,15 +145,23 @@ class VastBackend:
         return self.cfg.max_instances * self.cfg.max_arms_per_instance
 
     def run_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
+        self.activity.begin(spec.attempt_id, spec.arm, spec.out_dir, spec.config.get("steps"))
+
+        def noted(event: dict) -> None:
+            self.activity.note(spec.attempt_id, event)
+            emit(event)
+
         try:
             if spec.adopt:
-                return self._adopt_attempt(spec, emit, stop)
-            return self._run_new_attempt(spec, emit, stop)
+                return self._adopt_attempt(spec, noted, stop)
+            return self._run_new_attempt(spec, noted, stop)
         except PoolClosed as exc:
             return AttemptResult("interrupted", reason=str(exc))
         except Exception as exc:            # a bug or an unforeseen provider answer: report, never raise
             log.exception("vast attempt %s failed", spec.attempt_id)
             return AttemptResult("failed", reason=f"vast backend error: {type(exc).__name__}: {exc}"[:500])
+        finally:
+            self.activity.end(spec.attempt_id)
 
     def _run_new_attempt(self, spec: AttemptSpec, emit: Emit, stop: threading.Event) -> AttemptResult:
         wanted = max(1, math.ceil(spec.gpus))
@@ -263,44 +276,65 @@ class VastBackend:
         return AttemptResult("failed", reason=f"no instance became available after {self.cfg.max_launch_tries} tries")
 
     def _launch(self, instance: PooledInstance, spec: AttemptSpec, stop: threading.Event) -> None:
+        """Rent an instance, walking one search's ranking (offers.RankedOffers): a create refused, an instance
+        stuck loading, a container that cannot start or SSH that never answers moves on to the next offer of the
+        same list, its machine excluded for the rest of the run (an `offer.excluded` event). An offer gone
+        between search and create (404) is searched for again once; gone a second time, it counts as refused."""
         failures: list[str] = []
+        gone_once: set[str] = set()
         label = provider.instance_label(self.ledger.identity(), self.run_id, spec.attempt_id)
+        ranked: offer_rules.RankedOffers | None = None
         for _ in range(self.cfg.max_launch_tries):
             if stop.is_set() or self._closing.is_set():
                 raise provider.LaunchCancelled("stopped before an instance was rented")
-            found = provider.search_offers(self.client, self.cfg)
+            if ranked is None:
+                found = offer_rules.rank(provider.search_offers(self.client, self.cfg), set(), cfg=self.cfg)
+                ranked = offer_rules.RankedOffers(found, self.excluded_machines)
             # Offers another attempt is renting right now go last, not away (404 tells); picked and marked under
             # one lock, or concurrent launches all pick the cheapest offer.
             with self._lock:
-                excluded = set(self.excluded_machines)
-                ranked = offer_rules.rank(found, excluded, set(self._offers_in_flight)) or offer_rules.rank(
-                    found, excluded)
-                if not ranked:
+                candidates = ranked.remaining()
+                if not candidates:
                     raise provider.LaunchFailed("no offer matches the vast: query" + _tried(failures))
-                affordable = [o for o in ranked if self.budget.launch_refusal(float(o["dph_total"])) is None]
+                refusal = {str(o["id"]): self.budget.launch_refusal(offer_rules.contract_rate(o, self.cfg))
+                           for o in candidates}
+                affordable = [o for o in candidates if refusal[str(o["id"])] is None]
                 if not affordable:
-                    raise BudgetRefused(self.budget.launch_refusal(float(ranked[0]["dph_total"]))
-                                        or "budget: no offer fits under the cap")
-                offer = affordable[0]
+                    raise BudgetRefused(refusal[str(candidates[0]["id"])] or "budget: no offer fits under the cap")
+                offer = next((o for o in affordable if str(o["id"]) not in self._offers_in_flight), affordable[0])
                 self._offers_in_flight.add(str(offer["id"]))
             try:
                 self._launch_offer(instance, offer, label, stop)
                 return
             except provider.OfferGone as exc:
                 failures.append(f"offer {offer['id']}: gone ({exc.status})")
+                if str(offer["id"]) in gone_once:
+                    self._offer_failed(ranked, offer, f"create refused twice: {exc}")
+                else:
+                    gone_once.add(str(offer["id"]))
+                    ranked = None                                  # search again
             except provider.LaunchFailed as exc:
                 failures.append(str(exc))
-                with self._lock:
-                    self.excluded_machines.add(str(offer.get("machine_id")))
+                self._offer_failed(ranked, offer, str(exc))
+            except provider.ProviderError as exc:
+                if not provider.definite_no(exc):                  # the API itself is failing: no offer helps
+                    raise
+                failures.append(f"offer {offer['id']}: {exc}")
+                self._offer_failed(ranked, offer, f"create refused: {exc}")
             finally:
                 with self._lock:
                     self._offers_in_flight.discard(str(offer["id"]))
         raise provider.LaunchFailed(f"{self.cfg.max_launch_tries} offers tried" + _tried(failures))
 
+    def _offer_failed(self, ranked: offer_rules.RankedOffers, offer: dict, reason: str) -> None:
+        with self._lock:
+            ranked.failed(offer, reason, self.ledger, self.run_id)
+
     def _launch_offer(self, instance: PooledInstance, offer: dict, label: str, stop: threading.Event) -> None:
         env = {"VAST_SERVER_URL": self.cfg.server_url} if self.cfg.server_url else {}
-        ledger_id, silence = self.budget.admit(float(offer["dph_total"]), lambda: provider.record_intent(
-            self.ledger, run_id=self.run_id, offer=offer, label=label))
+        rate = offer_rules.contract_rate(offer, self.cfg)         # the bid when interruptible
+        ledger_id, silence = self.budget.admit(rate, lambda: provider.record_intent(
+            self.ledger, run_id=self.run_id, offer=offer, label=label, cfg=self.cfg))
         ledger_id = provider.launch(self.client, self.ledger, self.cfg, run_id=self.run_id, offer=offer, label=label,
                                     public_key=self.key.public_line, env=env, instance_id=ledger_id,
                                     onstart=boot_watchdog_onstart(self.cfg, silence))
@@ -344,19 +378,51 @@ class VastBackend:
 
     def provider_status(self, instance: PooledInstance) -> str:
         """'gone', the provider's actual_status, or 'unknown-to-us' when the API cannot be asked."""
+        info = self._poll_provider(instance)
+        if info is _UNKNOWN:
+            return "unknown-to-us"
+        return "gone" if info is None else str(info.get("actual_status"))
+
+    def _poll_provider(self, instance: PooledInstance):
+        """The provider's row of an instance (None when gone), its status moves recorded for the bill
+        (cost.reconcile.observe_instance); _UNKNOWN when the API cannot be asked."""
         try:
             info = provider.query(self.client, self.cfg, instance.provider_id)
         except provider.ProviderError:
-            return "unknown-to-us"
-        return "gone" if info is None else str(info.get("actual_status"))
+            return _UNKNOWN
+        if instance.ledger_id is not None:
+            observe_instance(self.ledger, instance.ledger_id, info)
+        return info
 
     # ---- what the remote-host runtime asks (remote.watch.HostOwner) ----
 
     def host_gone(self, instance: PooledInstance) -> str | None:
-        status = self.provider_status(instance)
+        info = self._poll_provider(instance)
+        if info is _UNKNOWN:
+            return None
+        if outbid.is_outbid(info):
+            return self._after_outbid(instance)
+        status = "gone" if info is None else str(info.get("actual_status"))
         if status == "gone" or status in provider.TERMINAL_STATUSES:
             return f"instance {instance.provider_id} is {status}"
         return None
+
+    def _after_outbid(self, instance: PooledInstance) -> str:
+        """An outbid instance: wait for it to resume or move on (outbid.decide); why the attempt on it ended. A
+        resumed instance stays in the pool (lose_host keeps it) for the next attempt of the arm."""
+        choice = outbid.decide(self, instance)
+        if choice.action == "wait":
+            waited = outbid.wait_for_resume(self, instance)
+            if waited is not None:
+                self._resumed_after_outbid.add(instance.ledger_id)
+                self.ledger.event(self.run_id, "instance.outbid_resumed", instance_id=instance.ledger_id,
+                                  waited_seconds=round(waited, 1))
+                return (f"instance {instance.provider_id} was outbid and resumed after {waited:.0f}s: the arm "
+                        f"continues on it from its last pulled checkpoint")
+            return (f"instance {instance.provider_id} was outbid and did not resume within "
+                    f"{self.cfg.outbid_wait_minutes:g} min")
+        return (f"instance {instance.provider_id} was outbid: moving on (expected ${choice.move_dollars:.4f}"
+                + ("" if choice.wait_dollars is None else f" against ${choice.wait_dollars:.4f} waiting") + ")")
 
     def stop_reason(self) -> str | None:
         return self.budget.exhausted()
@@ -365,6 +431,9 @@ class VastBackend:
         return self.budget.silence_now()
 
     def lose_host(self, instance: PooledInstance, why: str) -> None:
+        if instance.ledger_id in self._resumed_after_outbid:      # back after an outbid: kept for the next attempt
+            self._resumed_after_outbid.discard(instance.ledger_id)
+            return
         self.exclude_machine(instance)
         self.retire(instance, why)
 
@@ -396,7 +465,7 @@ class VastBackend:
         period = max(0.5, min(5.0, self.cfg.idle_destroy_seconds / 4, self.cfg.health_seconds))
         last_keepalive = time.monotonic()
         while not self._closing.wait(period):
-            self._sample_idle_gpus()
+            self._stop_idle_gpus(self._sample_idle_gpus())
             for instance in self.pool.retire_idle(self.cfg.idle_destroy_seconds):
                 try:
                     self._destroy(instance, f"idle for {self.cfg.idle_destroy_seconds:g}s")
@@ -412,9 +481,11 @@ class VastBackend:
                     except SshError as exc:
                         log.warning("instance %s: keep-alive failed: %s", instance.provider_id, exc)
 
-    def _sample_idle_gpus(self) -> None:
+    def _sample_idle_gpus(self) -> dict[int, list[float]]:
         """GPU samples of idle instances into the ledger, as attempts stream them: the watchdog's cool-down after
-        it stopped an attempt reads the host's samples, and that attempt has ended (scheduler._cooled)."""
+        it stopped an attempt reads the host's samples, and that attempt has ended (scheduler._cooled). Returns
+        each sampled instance's GPU utilisation (%) by ledger id."""
+        utilisation: dict[int, list[float]] = {}
         for instance in self.pool.idle():
             try:
                 result = instance.conn.run(NVIDIA_SMI_QUERY, timeout=self.cfg.ssh_timeout_seconds, retries=1)
@@ -424,6 +495,34 @@ class VastBackend:
             if result.exit_code == 0:
                 samples = parse_nvidia_smi_csv(result.stdout, instance.host_label, time.time())
                 self.ledger.record_health([s.to_dict() for s in samples], self.run_id)
+                utilisation[instance.ledger_id] = [100.0 * s.utilization_ratio for s in samples
+                                                   if s.utilization_ratio is not None]
+        return utilisation
+
+    def _stop_idle_gpus(self, idle_utilisation: dict[int, list[float]]) -> None:
+        """Destroy instances whose GPUs stayed under vast.idle_gpu_percent for vast.idle_minutes while every arm
+        on them was said to run (or that held none), reported as waste (idle.py). An attempt on one ends
+        preempted (its host is gone) and is retried from its last pulled checkpoint."""
+        if self.cfg.idle_minutes is None:
+            return
+        now = time.time()
+        seen = {ledger_id: (utils, None, None) for ledger_id, utils in idle_utilisation.items()}
+        seen.update(self.activity.by_instance())
+        for ledger_id, (utils, arm_state, arm) in seen.items():
+            idle_seconds = self.idle_watch.observe(ledger_id, utils, arm_state, now)
+            if idle_seconds is None:
+                continue
+            self.idle_watch.forget(ledger_id)
+            instance = self.pool.find(ledger_id)
+            if instance is None:
+                continue
+            row = self.ledger.instance(ledger_id)
+            record_idle_waste(self.ledger, self.run_id, ledger_id, idle_seconds, row["dph_total"] if row else None,
+                              arm)
+            try:
+                self.retire(instance, f"GPUs under {self.cfg.idle_gpu_percent:g}% for {idle_seconds / 60:.1f} min")
+            except Exception:
+                log.exception("stopping idle instance %s failed", instance.provider_id)
 
     # ---- a resumed run: its instances from the ledger -------------------------------------------------
 
@@ -440,6 +539,7 @@ class VastBackend:
             if usable:
                 try:
                     info = provider.query(self.client, self.cfg, row["provider_instance_id"])
+                    observe_instance(self.ledger, row["id"], info)
                     status = None if info is None else info.get("actual_status")
                 except provider.ProviderError:
                     status = "unknown-to-us"
@@ -463,6 +563,9 @@ class VastBackend:
             self.pool.adopt(instance)
             self.ledger.event(self.run_id, "instance.adopted", instance_id=row["id"],
                               provider_instance_id=row["provider_instance_id"], attempts=sorted(instance.holders))
+
+
+_UNKNOWN = object()      # the provider could not be asked
 
 
 def _tried(failures: list[str]) -> str:

@@ -24,7 +24,14 @@ class VastConfig(BaseModel, extra="forbid"):
     min_download_mbps: float | None = Field(100.0, ge=0, description="minimum download bandwidth, Mb/s")
     disk_gb: float = Field(30.0, gt=0, description="disk to allocate per instance, GB")
     interruptible: bool = Field(False, description="rent as interruptible (a bid): cheaper, may be preempted")
-    bid_markup: float = Field(1.25, ge=1, description="interruptible only: bid = offer's minimum bid x this")
+    bid_markup: float = Field(1.25, ge=1, description="interruptible only: bid = offer's minimum bid x this, "
+                                                      "at most max_dollars_per_hour; a higher bid or an on-demand "
+                                                      "rental stops the instance (outbid = preempted)")
+    outbid_wait_minutes: float | None = Field(
+        None, gt=0, description="interruptible only: how long an outbid instance is expected to take to resume. "
+                                "After an outbid the arm waits (at most this long) for its own instance when that is "
+                                "expected to cost less than booting the best offer now and redoing the steps since "
+                                "its last pulled checkpoint (offers.after_outbid); None = always move at once")
     offers_per_search: int = Field(20, ge=1, description="how many offers one search asks for")
 
     # ---- what runs on it ---------------------------------------------------------------------
@@ -66,6 +73,10 @@ class VastConfig(BaseModel, extra="forbid"):
     health_seconds: float = Field(10.0, gt=0, description="GPU health sampling period on the instance")
     heartbeat_timeout_seconds: float = Field(300.0, gt=0,
                                              description="no heartbeat (or no contact) this long = preempted")
+    idle_minutes: float | None = Field(
+        30.0, gt=0, description="an instance whose GPUs stay under idle_gpu_percent this long while an arm is said "
+                                "to run on it (or that holds no arm) is stopped and reported as waste; None = never")
+    idle_gpu_percent: float = Field(5.0, ge=0, le=100, description="GPU utilisation under which a GPU counts as idle")
     stop_grace_seconds: float = Field(120.0, gt=0, description="a stopped trainer gets this long to checkpoint")
 
     # ---- safety nets on the instance -------------------------------------------------------------

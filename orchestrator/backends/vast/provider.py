@@ -32,6 +32,7 @@ import requests
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.remote.ssh import HostKeyChanged, KeyPair, Remote
+from orchestrator.cost.reconcile import observe_instance
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 
@@ -220,12 +221,20 @@ def remove_ssh_key(client, cfg: VastConfig, key_id: int) -> None:
 
 # ---- launch ------------------------------------------------------------------------------------------
 
-def record_intent(ledger: Ledger, *, run_id: str, offer: dict, label: str) -> int:
-    """The ledger row of an instance about to be rented from `offer` (written before the provider is asked)."""
-    return ledger.add_instance(
+def record_intent(ledger: Ledger, *, run_id: str, offer: dict, label: str, cfg: VastConfig | None = None) -> int:
+    """The ledger row of an instance about to be rented from `offer` (written before the provider is asked):
+    the $/h its rental is billed while running (the bid when interruptible, offers.contract_rate), and with
+    `cfg` its disk and the offer's storage price ($/GB/month), billed for every second it exists."""
+    rate = float(offer["dph_total"]) if cfg is None else offer_rules.contract_rate(offer, cfg)
+    instance_id = ledger.add_instance(
         run_id=run_id, provider=PROVIDER, label=label, offer_id=str(offer["id"]),
         machine_id=str(offer.get("machine_id")), gpu_name=offer.get("gpu_name"), num_gpus=offer.get("num_gpus"),
-        dph_total=float(offer["dph_total"]))
+        dph_total=rate)
+    if cfg is not None:
+        storage_cost = offer.get("storage_cost")
+        ledger.update_instance(instance_id, disk_gb=cfg.disk_gb, interruptible=int(cfg.interruptible),
+                               storage_cost=None if storage_cost is None else float(storage_cost))
+    return instance_id
 
 
 def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict, label: str,
@@ -242,7 +251,7 @@ def launch(client, ledger: Ledger, cfg: VastConfig, *, run_id: str, offer: dict,
     looked up by that label until cfg.create_lookup_seconds, and recorded (and used) when found.
     """
     if instance_id is None:
-        instance_id = record_intent(ledger, run_id=run_id, offer=offer, label=label)
+        instance_id = record_intent(ledger, run_id=run_id, offer=offer, label=label, cfg=cfg)
     label = f"{label}:{instance_id}"
     ledger.update_instance(instance_id, label=label)
     try:
@@ -384,6 +393,8 @@ def wait_ready(client, ledger: Ledger, cfg: VastConfig, instance_id: int, key: K
             info, last = {}, str(exc)
         if info is None:
             raise LaunchFailed(f"instance {provider_id} vanished while booting (last: {last})")
+        if info:
+            observe_instance(ledger, instance_id, info)      # the GPU bills from `running` on (cost.reconcile)
         status, message = info.get("actual_status"), str(info.get("status_msg") or "")
         if info:
             last = f"status {status}" + (f" ({message[:160]})" if message else "")
@@ -442,14 +453,21 @@ def terminate(client, ledger: Ledger, cfg: VastConfig, instance_id: int, reason:
         return True
     run_id, provider_id = row["run_id"], row["provider_instance_id"]
     if provider_id is None:
-        # The create never answered, or answered an error: anything it rented carries the row's label.
-        try:
-            matches = find_by_label(client, cfg, row["label"])
-        except ProviderError as exc:
-            ledger.event(run_id, "instance.destroy_unconfirmed", instance_id=instance_id, label=row["label"],
-                         error=str(exc)[:300])
-            log.error("instance row %s: cannot look its label up (%s); run `armature reap`", instance_id, exc)
-            return False
+        # The create never answered (its orchestrator may have died while it was sent), or answered an error:
+        # anything it rented carries the row's label, and shows in the list at the latest once the create has
+        # timed out and the list has caught up (create_lookup_seconds); until then, not found proves nothing.
+        settled_at = row["created_at"] + cfg.create_timeout_seconds + cfg.create_lookup_seconds
+        while True:
+            try:
+                matches = find_by_label(client, cfg, row["label"])
+            except ProviderError as exc:
+                ledger.event(run_id, "instance.destroy_unconfirmed", instance_id=instance_id, label=row["label"],
+                             error=str(exc)[:300])
+                log.error("instance row %s: cannot look its label up (%s); run `armature reap`", instance_id, exc)
+                return False
+            if matches or time.time() >= settled_at:
+                break
+            time.sleep(cfg.status_poll_seconds)
         if not matches:
             ledger.update_instance(instance_id, state="failed_create", reason=(row["reason"] or reason)[:300])
             return True
