@@ -75,6 +75,7 @@ def test_an_outbid_arm_waits_for_its_instance_continues_on_it_and_is_billed_the_
     result, _ = harness.run(backend, first, rival_bid_then_leave)
     assert result.outcome == "preempted", result
     assert "outbid and resumed" in result.reason
+    print(events(harness, OUTBID_EVENT), events(harness, STATUS_EVENT), harness.ledger.events(harness.run_id))
     (decision,) = events(harness, OUTBID_EVENT)
     assert decision["action"] == "wait" and decision["wait_dollars"] < decision["move_dollars"]
     assert decision["own_rate"] == 0.15 and decision["best_rate"] == 0.375
