@@ -50,7 +50,7 @@ ablation: $(STAMP)
 # Two pytest workers: most end-to-end tests spend their time waiting on process start-up (Ray,
 # trainers, sshd), so two at a time take about 7 minutes on 2 cores instead of 12.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=20
 
 bench: $(STAMP) system-deps
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -16,16 +16,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from rich.console import Console
 
 from infra.vastsim import Simulator
 from orchestrator.backends.vast import make_client
 from orchestrator.backends.vast.offers import EXCLUDED_EVENT
 from orchestrator.backends.vast.outbid import OUTBID_EVENT
 from orchestrator.cost.model import MONTH_HOURS, cost_lines, current_spend
-from orchestrator.cost.reconcile import STATUS_EVENT, fetch_provider_charges, reconcile
+from orchestrator.cost.reconcile import (STATUS_EVENT, bill_breakdown, expected_bill, fetch_provider_charges,
+                                         reconcile, status_changes)
 from orchestrator.planview import vast_offer_lines
-from tests.test_vast_backend import API_KEY, TINY, checkpoint_step, harness, longer  # noqa: F401 (fixture)
+from tests.test_vast_backend import API_KEY, checkpoint_step, harness, longer  # noqa: F401 (harness: a fixture)
 
 STORAGE_COST = 0.15            # $/GB/month, the simulator's default
 OFFERS = [   # by $/reliable hour: 5001 (bid 0.15), 5002 (0.30 / 0.375 as a bid), 5003 (0.40 / 0.5)
@@ -60,22 +60,23 @@ def instances(harness) -> list[dict]:
 
 
 def test_an_outbid_arm_waits_for_its_instance_continues_on_it_and_is_billed_the_bid(harness, sim):
-    backend = harness.backend(interruptible=True, outbid_wait_minutes=0.5, pull_checkpoints_every_minutes=0.005)
-    arm = harness.arm("outbid", longer(150, checkpoint_every=10))
+    # quick polls and no SSH retries: the outbid is seen (and dated) within a fraction of a second
+    backend = harness.backend(interruptible=True, outbid_wait_minutes=0.5, pull_checkpoints_every_minutes=0.005,
+                              poll_seconds=0.2, ssh_retries=1)
+    arm = harness.arm("outbid", longer(1000, checkpoint_every=20))
     first = harness.spec(arm)
     checkpoint = Path(first.out_dir) / "checkpoints" / "last.pt"
     outbid: dict = {}
 
     def rival_bid_then_leave(event, stop):
-        if event["kind"] == "metrics" and event["rows"][-1]["step"] >= 30 and checkpoint.exists() and not outbid:
-            outbid["at"] = time.time()
+        if event["kind"] == "metrics" and event["rows"][-1]["step"] >= 40 and checkpoint.exists() and not outbid:
+            outbid["done"] = True
             sim.compete(5001, bids=[0.2])                          # outbids our 0.15
             threading.Timer(1.5, sim.compete, args=(5001,)).start()  # the rival leaves: ours may resume
 
     result, _ = harness.run(backend, first, rival_bid_then_leave)
     assert result.outcome == "preempted", result
     assert "outbid and resumed" in result.reason
-    print(events(harness, OUTBID_EVENT), events(harness, STATUS_EVENT), harness.ledger.events(harness.run_id))
     (decision,) = events(harness, OUTBID_EVENT)
     assert decision["action"] == "wait" and decision["wait_dollars"] < decision["move_dollars"]
     assert decision["own_rate"] == 0.15 and decision["best_rate"] == 0.375
@@ -84,7 +85,7 @@ def test_an_outbid_arm_waits_for_its_instance_continues_on_it_and_is_billed_the_
     second = harness.spec(arm)
     result, events_ = harness.run(backend, second)
     assert result.outcome == "succeeded", result
-    assert result.end_step == 150
+    assert result.end_step == 1000
     rows = [r for e in events_ if e["kind"] == "metrics" for r in e["rows"]]
     assert rows[0]["step"] > resume_step                           # continued, not started over
     (row,) = instances(harness)                                    # on the same instance: nothing else rented
@@ -97,10 +98,40 @@ def test_an_outbid_arm_waits_for_its_instance_continues_on_it_and_is_billed_the_
     fetch_provider_charges(make_client(sim.url), harness.ledger, harness.run_id)
     (check,) = reconcile(harness.ledger, harness.run_id)
     assert check.billed_dollars is not None and not check.flagged
-    assert abs(check.relative_difference) < 0.01, (check.estimated_dollars, check.billed_dollars)
+    # Billed at the bid for the running time the ledger dated: starts by the instance's uptime, the outbid halfway
+    # through the window between the last contact and the poll that saw it (here under 0.7 s: on ~12 s of GPU time
+    # that can be 3%; the 1% of issue 13 needs a minute of GPU time or more at this polling)
+    billed = bill_breakdown(harness.ledger, row["id"])
+    expected = expected_bill(harness.ledger.instance(row["id"]), status_changes(harness.ledger, row["id"]), time.time())
+    assert billed["dph_total"] == 0.15
+    assert abs(billed["gpu_seconds"] - expected.gpu_seconds) < 0.35, (billed, expected)
+    assert abs(billed["storage_seconds"] - expected.storage_seconds) < 0.25, (billed, expected)
+    assert abs(check.relative_difference) < 0.04, (check.estimated_dollars, check.billed_dollars)
     (charge,) = [line for line in sim.state()["charges"] if line["metadata"]["instance_id"] == int(
         row["provider_instance_id"])]
     assert charge["metadata"]["dph_total"] == 0.15 and charge["metadata"]["is_bid"]
+
+
+def test_an_outbid_arm_without_an_expected_wait_moves_at_once(harness, sim):
+    backend = harness.backend(interruptible=True, pull_checkpoints_every_minutes=0.005)
+    first = harness.spec(harness.arm("move", longer(5000)))
+    outbid: dict = {}
+
+    def rival_bid(event, stop):
+        if event["kind"] == "metrics" and event["rows"][-1]["step"] >= 20 and not outbid:
+            outbid["done"] = True
+            sim.compete(5001, bids=[0.2])
+
+    try:
+        result, _ = harness.run(backend, first, rival_bid)
+    finally:
+        sim.compete(5001)
+    assert result.outcome == "preempted", result
+    assert "was outbid: moving on" in result.reason
+    (decision,) = events(harness, OUTBID_EVENT)
+    assert decision["action"] == "move" and decision["wait_dollars"] is None
+    (row,) = instances(harness)
+    assert row["destroyed_at"] is not None and "901" in backend.excluded_machines
 
 
 def test_a_refused_create_and_a_stuck_boot_fail_over_within_one_search(harness, sim):
@@ -140,7 +171,6 @@ def test_the_plan_shows_the_ranked_offers(sim):
     started = time.monotonic()
     (line,) = vast_offer_lines(down)
     assert line.startswith("vast offers: not searched") and time.monotonic() - started < 15
-    Console(record=True).print(line, markup=False)                  # printable as is
 
 
 def test_the_cost_model_counts_storage_for_the_whole_life_at_the_contracted_rate(tmp_path):
@@ -161,4 +191,27 @@ def test_the_cost_model_counts_storage_for_the_whole_life_at_the_contracted_rate
     lines = cost_lines(ledger, ["st"], now=start + 7200)
     assert sum(line.dollars for line in lines) == pytest.approx(expected)
     assert {line.kind for line in lines} == {"boot", "idle"}
+    ledger.close()
+
+
+def test_cost_detail_shows_why_a_bill_differs(tmp_path):
+    from orchestrator.cost.command import cost_command
+    from orchestrator.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.create_run("bw", name="bw", trainer="vqvae", backend="vast", spec_path=None, metric=None, metric_mode=None,
+                      baseline=None, budget_dollars=None, git_commit=None, git_diff_hash=None)
+    instance = ledger.add_instance(run_id="bw", provider="vast", label="x", dph_total=1.0, num_gpus=1)
+    start = ledger.instance(instance)["created_at"]
+    ledger.update_instance(instance, provider_instance_id="8", state="destroyed", ready_at=start,
+                           destroyed_at=start + 3600, disk_gb=0.0, storage_cost=0.0)
+    ledger.add_charge(instance_id=instance, run_id="bw", source="provider", amount_dollars=1.5,
+                      breakdown={"gpu_seconds": 3600.0, "storage_seconds": 3600.0, "bandwidth_amount": 0.5,
+                                 "dph_total": 1.0})
+    plain = cost_command(ledger, "bw", now=start + 7200, console_width=200)
+    detail = cost_command(ledger, "bw", now=start + 7200, console_width=200, detail=True)
+    reason = f"Instance {instance}: billed $1.5000 against $1.0000 expected; bandwidth $0.5000 billed"
+    assert "MISMATCH" in plain and reason not in plain
+    assert reason in detail
+    assert f"- {reason}" in cost_command(ledger, "bw", now=start + 7200, fmt="markdown", detail=True)
     ledger.close()

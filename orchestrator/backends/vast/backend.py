@@ -68,6 +68,9 @@ class VastBackend:
         self.activity = ArmActivity()                    # what each attempt's events said (idle GPUs, outbids)
         self.idle_watch = IdleWatch.from_config(cfg)
         self._resumed_after_outbid: set[int] = set()     # ledger ids of instances kept for the next attempt
+        self._seen_running: dict[int, float] = {}         # ledger id -> when a poll last saw it running
+        self._listed_at = -math.inf                       # monotonic time of the last list of the run's instances
+        self._observe_lock = threading.Lock()
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -391,13 +394,53 @@ class VastBackend:
         except provider.ProviderError:
             return _UNKNOWN
         if instance.ledger_id is not None:
-            observe_instance(self.ledger, instance.ledger_id, info)
+            self.observe(instance.ledger_id, info)
         return info
+
+    def observe(self, ledger_id: int, info: dict | None) -> None:
+        """Record what a polled show-instance row says about billing (cost.reconcile.observe_instance). Nothing
+        dates a stop, an outbid, an exit or a disappearance: it is put halfway between the last time the instance
+        was seen running (by a poll: the polling loop lists the run's instances every few seconds; or by an
+        attempt reading news off it) and now."""
+        now = time.time()
+        with self._observe_lock:          # attempt threads and the polling loop: one status move recorded once
+            if info is not None and info.get("actual_status") == "running":
+                self._seen_running[ledger_id] = now
+                observe_instance(self.ledger, ledger_id, info, now)
+                return
+            seen = max([t for t in (self._seen_running.get(ledger_id), self.activity.last_contact(ledger_id))
+                        if t is not None], default=None)
+            observe_instance(self.ledger, ledger_id, info, now if seen is None else (seen + now) / 2)
+
+    def _observe_all(self) -> None:
+        """One list call for the run's live instances, each observed (their status moves dated within a period),
+        at most every vast.status_poll_seconds; given up after a short deadline (the polling loop must go on)."""
+        if time.monotonic() - self._listed_at < self.cfg.status_poll_seconds:
+            return
+        self._listed_at = time.monotonic()
+        ours = {r["provider_instance_id"]: r["id"] for r in self.ledger.live_instances(self.run_id)
+                if r["provider_instance_id"]}
+        if not ours:
+            return
+        quick = self.cfg.model_copy(update={"api_deadline_seconds": min(self.cfg.api_deadline_seconds, 30.0)})
+        try:
+            listed = provider.list_ours(self.client, quick,
+                                        f"{provider.LABEL_PREFIX}{self.ledger.identity()}:{self.run_id}:")
+        except provider.ProviderError as exc:
+            log.warning("listing the run's instances failed: %s", exc)
+            return
+        for info in listed:
+            if str(info.get("id")) in ours:
+                self.observe(ours[str(info["id"])], info)
 
     # ---- what the remote-host runtime asks (remote.watch.HostOwner) ----
 
     def host_gone(self, instance: PooledInstance) -> str | None:
         info = self._poll_provider(instance)
+        if self.cfg.interruptible and isinstance(info, dict) and info.get("actual_status") == "running":
+            # an outbid kills the processes before the status says so: look once more before calling them lost
+            self._closing.wait(self.cfg.status_poll_seconds)
+            info = self._poll_provider(instance)
         if info is _UNKNOWN:
             return None
         if outbid.is_outbid(info):
@@ -415,7 +458,7 @@ class VastBackend:
             waited = outbid.wait_for_resume(self, instance)
             if waited is not None:
                 self._resumed_after_outbid.add(instance.ledger_id)
-                self.ledger.event(self.run_id, "instance.outbid_resumed", instance_id=instance.ledger_id,
+                self.ledger.event(self.run_id, "instance.resumed_after_outbid", instance_id=instance.ledger_id,
                                   waited_seconds=round(waited, 1))
                 return (f"instance {instance.provider_id} was outbid and resumed after {waited:.0f}s: the arm "
                         f"continues on it from its last pulled checkpoint")
@@ -465,6 +508,7 @@ class VastBackend:
         period = max(0.5, min(5.0, self.cfg.idle_destroy_seconds / 4, self.cfg.health_seconds))
         last_keepalive = time.monotonic()
         while not self._closing.wait(period):
+            self._observe_all()
             self._stop_idle_gpus(self._sample_idle_gpus())
             for instance in self.pool.retire_idle(self.cfg.idle_destroy_seconds):
                 try:
@@ -539,7 +583,7 @@ class VastBackend:
             if usable:
                 try:
                     info = provider.query(self.client, self.cfg, row["provider_instance_id"])
-                    observe_instance(self.ledger, row["id"], info)
+                    self.observe(row["id"], info)
                     status = None if info is None else info.get("actual_status")
                 except provider.ProviderError:
                     status = "unknown-to-us"

@@ -64,13 +64,15 @@ class ArmActivity:
         with self._lock:
             self._attempts[attempt_id] = {"arm": arm, "out_dir": out_dir, "total_steps": total_steps,
                                           "instance": None, "state": None, "utils": [], "step": None,
-                                          "running_since": None}
+                                          "running_since": None, "contact_at": None}
 
     def note(self, attempt_id: int, event: dict) -> None:
         with self._lock:
             view = self._attempts.get(attempt_id)
             if view is None:
                 return
+            if event["kind"] in ("metrics", "health"):         # read off the instance just now: it was running
+                view["contact_at"] = time.time()
             if event["kind"] == "attempt":
                 view["instance"] = event.get("instance_id")
             elif event["kind"] == "state":
@@ -88,6 +90,13 @@ class ArmActivity:
     def end(self, attempt_id: int) -> None:
         with self._lock:
             self._attempts.pop(attempt_id, None)
+
+    def last_contact(self, ledger_id: int) -> float | None:
+        """When an attempt last read news off the instance (so it was running then), or None."""
+        with self._lock:
+            times = [v["contact_at"] for v in self._attempts.values()
+                     if v["instance"] == ledger_id and v["contact_at"] is not None]
+        return max(times, default=None)
 
     def on_instance(self, ledger_id: int) -> list[dict]:
         with self._lock:

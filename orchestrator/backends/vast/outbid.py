@@ -21,7 +21,6 @@ from orchestrator.backends.vast import provider
 from orchestrator.backends.vast.idle import ArmActivity
 from orchestrator.backends.vast.offers import OutbidChoice
 from orchestrator.cost.model import dollars_per_hour
-from orchestrator.cost.reconcile import observe_instance
 
 OUTBID_EVENT = "instance.outbid"
 
@@ -35,9 +34,10 @@ def decide(backend, instance: PooledInstance, now: float | None = None) -> Outbi
     now = time.time() if now is None else now
     cfg, row = backend.cfg, backend.ledger.instance(instance.ledger_id)
     own_rate = float(row["dph_total"])
+    quick = cfg.model_copy(update={"api_deadline_seconds": min(cfg.api_deadline_seconds, 30.0)})
     try:
         excluded = set(backend.excluded_machines) | {str(instance.machine_id)}
-        ranked = offer_rules.rank(provider.search_offers(backend.client, cfg), excluded, cfg=cfg)
+        ranked = offer_rules.rank(provider.search_offers(backend.client, quick), excluded, cfg=cfg)
         best_rate = offer_rules.contract_rate(ranked[0], cfg) if ranked else own_rate
     except provider.ProviderError:
         best_rate = own_rate            # no market view: assume a machine like ours
@@ -80,10 +80,10 @@ def wait_for_resume(backend, instance: PooledInstance) -> float | None:
         except provider.ProviderError:
             info = {}
         if info is None:
-            observe_instance(backend.ledger, instance.ledger_id, None)
+            backend.observe(instance.ledger_id, None)
             return None
         if info:
-            observe_instance(backend.ledger, instance.ledger_id, info)
+            backend.observe(instance.ledger_id, info)
         if info.get("actual_status") == "running":
             try:
                 install_helper_and_watchdog(instance.conn, instance.paths, backend.settings, backend.repo_root,

@@ -482,6 +482,7 @@ def terminate(client, ledger: Ledger, cfg: VastConfig, instance_id: int, reason:
         tries += 1
         try:
             if not delete_accepted:
+                asked_at = time.time()
                 try:
                     call_api("destroy instance", client.destroy_instance, int(provider_id), deadline_s=0,
                              backoff=delay)          # one try: this loop retries (and records each failure)
@@ -489,6 +490,7 @@ def terminate(client, ledger: Ledger, cfg: VastConfig, instance_id: int, reason:
                     if exc.status != 404:
                         raise
                 delete_accepted = True
+                observe_instance(ledger, instance_id, None, asked_at)    # the GPU stops billing at the DELETE
             if is_gone(query(client, cfg, provider_id)):
                 ledger.update_instance(instance_id, state="destroyed", destroyed_at=time.time())
                 ledger.event(run_id, "instance.destroyed", instance_id=instance_id,
