@@ -219,7 +219,7 @@ def test_teardown_retries_until_the_destroy_is_confirmed(client, ledger, sim, tm
 
 
 def test_create_that_never_answered_is_settled_by_label(client, ledger, sim):
-    cfg = config(sim)
+    cfg = config(sim, create_timeout_seconds=1.0, create_lookup_seconds=2.0)   # "not found" proves nothing before
     instance_id = ledger.add_instance(run_id="r", provider="vast", label="armature:r:never")
     assert provider.terminate(client, ledger, cfg, instance_id, reason="test")
     assert ledger.instance(instance_id)["state"] == "failed_create"
