@@ -104,8 +104,10 @@ def test_an_outbid_arm_waits_for_its_instance_continues_on_it_and_is_billed_the_
     billed = bill_breakdown(harness.ledger, row["id"])
     expected = expected_bill(harness.ledger.instance(row["id"]), status_changes(harness.ledger, row["id"]), time.time())
     assert billed["dph_total"] == 0.15
-    assert abs(billed["gpu_seconds"] - expected.gpu_seconds) < 0.35, (billed, expected)
-    assert abs(billed["storage_seconds"] - expected.storage_seconds) < 0.25, (billed, expected)
+    # (and a create or destroy request takes up to about a second to arrive on a loaded 2-core machine: storage
+    # is dated from the ledger's intent, before the create is sent, and ends when the destroy is sent)
+    assert abs(billed["gpu_seconds"] - expected.gpu_seconds) < 1.0, (billed, expected)
+    assert abs(billed["storage_seconds"] - expected.storage_seconds) < 1.2, (billed, expected)
     assert abs(check.relative_difference) < 0.04, (check.estimated_dollars, check.billed_dollars)
     (charge,) = [line for line in sim.state()["charges"] if line["metadata"]["instance_id"] == int(
         row["provider_instance_id"])]

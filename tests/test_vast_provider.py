@@ -476,3 +476,31 @@ def test_rate_limits_and_outages_are_waited_out_until_the_deadline(client, ledge
     sim.set_faults(api_down_s=30)
     with pytest.raises(provider.ProviderError, match=r"ConnectionError after \d+ tries in 0.5s"):
         provider.list_ssh_keys(client, config(sim, api_deadline_seconds=0.5))
+
+
+def test_vast_instances_answer_the_provider_seam(client, ledger, sim, tmp_path):
+    """The Vast provider through the same interface as every provider (orchestrator/backends/provision.py)."""
+    from orchestrator.backends import provision
+    cfg = config(sim)
+    key = load_or_create_keypair(tmp_path / "id_ed25519", "test")
+    seam = provider.VastInstances(client, ledger, cfg, "r", key)
+    assert seam.name == "vast" and seam.capabilities.bills and seam.capabilities.rents_instances
+    offer = next(o for o in provider.search_offers(client, cfg) if o["id"] == 4001)
+    label = provider.instance_label(ledger.identity(), "r", 1)
+    [handle] = seam.launch(provision.LaunchRequest(label, offer=offer))
+    assert seam.query([handle])[handle] in ("pending", "ready")
+    host = seam.wait_ready(handle, time.monotonic() + 20)
+    assert host.host_key and host.port and host.name.startswith("vast-")
+    assert seam.query([handle]) == {handle: "ready"}
+    assert handle in seam.list_ours(ledger.identity())
+    seam.terminate(handle, reason="check")
+    assert ledger.instance(int(handle))["destroyed_at"] is not None
+    assert seam.query([handle]) == {handle: "gone"} and handle not in seam.list_ours(ledger.identity())
+    other = next(o for o in provider.search_offers(client, cfg) if o["id"] == 4002)
+    [second] = seam.launch(provision.LaunchRequest(provider.instance_label(ledger.identity(), "r", 2), offer=other))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(provision.LaunchCancelled):
+        seam.wait_ready(second, time.monotonic() + 20, stop)
+    seam.terminate(second, reason="check")
+    assert sim.instances() == []

@@ -12,15 +12,18 @@ Two layers sit under `orchestrator/backends/`:
 
 A provider, in the spirit of SkyPilot's sky/provision/:
     launch(request) -> handles        idempotent by label: asking twice gives the same machines
-    wait_ready(handle, deadline)      -> Host, once it answers SSH (host key pinned)
+    wait_ready(handle, deadline, stop)  -> Host, once it answers SSH (host key pinned); LaunchCancelled
+                                      as soon as `stop` (optional) is set
     query(handles) -> states          "pending" | "ready" | "gone" | "unknown" per handle
-    terminate(handle)                 returns only when the provider confirms (rented: destroyed;
-                                      owned: every armature process stopped and the scratch folder removed)
+    terminate(handle, reason)         returns only when the provider confirms (rented: destroyed;
+                                      owned: every armature process stopped and the scratch folder removed),
+                                      raises otherwise; `reason` is what the ledger records
     list_ours(identity)               the handles this ledger owns at the provider
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -65,10 +68,18 @@ class Host:
     scratch_dir: str = "armature"   # working folder, relative to the login home
 
 
+class LaunchCancelled(Exception):
+    """wait_ready was asked to stop (its `stop` event set) before the machine answered."""
+
+
 @dataclass(frozen=True)
 class LaunchRequest:
     label: str                      # idempotency key: the same label never makes a second machine
     gpus: int = 1
+    offer: dict | None = None       # rented: the offer to rent (vast: a search_offers row); owned: None
+    onstart: str | None = None      # a shell script the machine runs when it boots (vast: the dead-man switch)
+    reserved: str | None = None     # a handle the caller recorded beforehand (vast: the ledger row the budget
+                                    # admitted under its lock); None: the provider records one
     extra: dict = field(default_factory=dict)
 
 
@@ -78,11 +89,11 @@ class Provider(Protocol):
 
     def launch(self, request: LaunchRequest) -> list[str]: ...
 
-    def wait_ready(self, handle: str, deadline: float) -> Host: ...
+    def wait_ready(self, handle: str, deadline: float, stop: threading.Event | None = None) -> Host: ...
 
     def query(self, handles: list[str]) -> dict[str, HostState]: ...
 
-    def terminate(self, handle: str) -> None: ...
+    def terminate(self, handle: str, reason: str = "") -> None: ...
 
     def list_ours(self, identity: str) -> list[str]: ...
 

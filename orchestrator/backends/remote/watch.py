@@ -107,7 +107,7 @@ class AttemptWatch:
             if news.exit is not None:
                 return self.finish(news)
             if not news.alive:
-                gone = self.owner.host_gone(self.instance)
+                gone = self.gone_soon()
                 if gone:
                     return self.instance_lost(gone)
                 return self.instance_lost("the supervisor died without an exit status", keep_instance=True)
@@ -133,6 +133,16 @@ class AttemptWatch:
             if isinstance(polled, AttemptResult):
                 return polled
             news, last_contact = polled, time.monotonic()
+
+    def gone_soon(self) -> str | None:
+        """Why the host is gone, asked a few times over a few polls: a provider reports a stopped or preempted
+        instance some time after its processes died, and a dead supervisor alone is not a lost host."""
+        deadline = time.monotonic() + 3 * self.cfg.poll_seconds
+        while True:
+            gone = self.owner.host_gone(self.instance)
+            if gone or time.monotonic() >= deadline:
+                return gone
+            time.sleep(min(self.cfg.poll_seconds, 1.0))
 
     def poll(self, last_contact: float) -> News | AttemptResult:
         """The next news; on connection trouble ask the provider, and give up at a dead instance or a timeout."""

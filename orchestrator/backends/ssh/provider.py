@@ -2,9 +2,10 @@
 
     hosts = SshHosts(ledger, run_id, cfg, repo_root)
     hosts.launch(LaunchRequest(label))      the configured host names (they exist already; asking twice is the same)
-    hosts.wait_ready(name, deadline)        SSH answers with the pinned key: Host (the runtime then deploys)
+    hosts.wait_ready(name, deadline, stop)  SSH answers with the pinned key: Host (the runtime then deploys);
+                                            LaunchCancelled once `stop` is set while it does not answer
     hosts.query(names)                      "ready" or "gone" per host (a plain SSH command)
-    hosts.terminate(name)                   every armature process of this run stopped, its scratch folder removed:
+    hosts.terminate(name, reason)           every armature process of this run stopped, its scratch folder removed:
                                             returns only when the host confirms (raises otherwise)
     hosts.list_ours(identity)               hosts that still hold a scratch folder of this run
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import paramiko
 
-from orchestrator.backends.provision import CAPABILITIES, Host, HostState, LaunchRequest
+from orchestrator.backends.provision import CAPABILITIES, Host, HostState, LaunchCancelled, LaunchRequest
 from orchestrator.backends.remote.deploy import InstancePaths, install_helper_and_watchdog, resolve_paths
 from orchestrator.backends.remote.settings import RuntimeSettings
 from orchestrator.backends.remote.ssh import Connection, HostKeyChanged, SshError
@@ -113,13 +114,14 @@ class SshHosts:
     def launch(self, request: LaunchRequest) -> list[str]:
         return list(self.hosts)
 
-    def wait_ready(self, handle: str, deadline: float) -> Host:
-        return self.reach(self.hosts[handle], deadline).host
+    def wait_ready(self, handle: str, deadline: float, stop: threading.Event | None = None) -> Host:
+        return self.reach(self.hosts[handle], deadline, stop).host
 
-    def reach(self, host: SshHost, deadline: float) -> Reached:
+    def reach(self, host: SshHost, deadline: float, stop: threading.Event | None = None) -> Reached:
         """Log in (pinning the host key at first use), stop what an earlier orchestrator of this run left there,
         and install the supervisor and its dead-man switch. Raises HostRefused for a changed key or a refused
-        login, SshError while it does not answer by `deadline`."""
+        login, SshError while it does not answer by `deadline`, LaunchCancelled once `stop` is set."""
+        stop = stop or threading.Event()
         settings = self.cfg.runtime(host, self.run_id)
         while True:
             conn = self.connection(host)
@@ -142,7 +144,8 @@ class SshHosts:
                                       f"{host.identity_file}") from None
                 if time.monotonic() >= deadline:
                     raise
-                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                if stop.wait(min(2.0, max(0.0, deadline - time.monotonic()))):
+                    raise LaunchCancelled(f"stopped while host {host.name} did not answer: {exc}") from None
 
     def query(self, handles: list[str]) -> dict[str, HostState]:
         states: dict[str, HostState] = {}
@@ -159,7 +162,7 @@ class SshHosts:
                 conn.close()
         return states
 
-    def terminate(self, handle: str) -> None:
+    def terminate(self, handle: str, reason: str = "") -> None:
         host = self.hosts[handle]
         settings = self.cfg.runtime(host, self.run_id)
         conn = self.connection(host)

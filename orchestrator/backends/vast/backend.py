@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Emit
+from orchestrator.backends.provision import LaunchRequest
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast import outbid, provider
 from orchestrator.backends.vast.idle import ArmActivity, IdleWatch, record_idle_waste
@@ -55,6 +56,7 @@ class VastBackend:
         self.budget = Budget(ledger, run_id, budget_dollars, cfg)
         self.allow_dirty, self.repo_root = allow_dirty, Path(repo_root)
         self.client = None
+        self.provider: provider.VastInstances | None = None     # the provider seam, once the client exists
         self.key: KeyPair | None = None
         self.bundle: CodeBundle | None = None
         self.pool = InstancePool("vast")
@@ -105,10 +107,12 @@ class VastBackend:
 
     def _start(self) -> None:
         self.client = provider.make_client(self.cfg.server_url)
+        self.provider = provider.VastInstances(self.client, self.ledger, self.cfg, self.run_id)
         self.bundle = make_code_bundle(self.repo_root, self.run_dir / ".vast" / "deploy", self.allow_dirty,
                                        secrets=(provider.api_key_of(self.client),))
         self.key = load_or_create_keypair(self.run_dir / ".vast" / "id_ed25519",
                                           comment=provider.key_comment(self.ledger.identity(), self.run_id))
+        self.provider.key = self.key
         # The key is attached to each instance (provider.launch), never to the account; account keys left by
         # older versions' runs that crashed go now.
         reap_keys(self.client, self.ledger, cfg=self.cfg, starting_run=self.run_id)
@@ -134,7 +138,7 @@ class VastBackend:
             thread.join()
         leftovers = self.ledger.live_instances(self.run_id)
         for row in leftovers:           # launched by an attempt that has not noticed the shutdown yet
-            provider.terminate(self.client, self.ledger, self.cfg, row["id"], reason="run finished")
+            self._terminate(row["id"], reason="run finished")
         shutil.rmtree(self.run_dir / ".vast" / "deploy", ignore_errors=True)
         if not self.ledger.live_instances(self.run_id):     # nothing left to reach: the run's key can go
             (self.run_dir / ".vast" / "id_ed25519").unlink(missing_ok=True)
@@ -334,30 +338,30 @@ class VastBackend:
             ranked.failed(offer, reason, self.ledger, self.run_id)
 
     def _launch_offer(self, instance: PooledInstance, offer: dict, label: str, stop: threading.Event) -> None:
-        env = {"VAST_SERVER_URL": self.cfg.server_url} if self.cfg.server_url else {}
         rate = offer_rules.contract_rate(offer, self.cfg)         # the bid when interruptible
         ledger_id, silence = self.budget.admit(rate, lambda: provider.record_intent(
             self.ledger, run_id=self.run_id, offer=offer, label=label, cfg=self.cfg))
-        ledger_id = provider.launch(self.client, self.ledger, self.cfg, run_id=self.run_id, offer=offer, label=label,
-                                    public_key=self.key.public_line, env=env, instance_id=ledger_id,
-                                    onstart=boot_watchdog_onstart(self.cfg, silence))
+        [handle] = self.provider.launch(LaunchRequest(label, gpus=self.cfg.num_gpus, offer=offer,
+                                                      reserved=str(ledger_id),
+                                                      onstart=boot_watchdog_onstart(self.cfg, silence)))
+        ledger_id = int(handle)
         self.ledger.event(self.run_id, "instance.dead_man_switch", instance_id=ledger_id,
                           silence_seconds=round(silence, 1))
         row = self.ledger.instance(ledger_id)
         instance.ledger_id, instance.provider_id = ledger_id, row["provider_instance_id"]
         instance.machine_id, instance.gpu_name = str(offer.get("machine_id")), offer.get("gpu_name")
         try:
-            host, port, host_key = provider.wait_ready(self.client, self.ledger, self.cfg, ledger_id, self.key, stop)
+            host = self.provider.wait_ready(handle, time.monotonic() + self.cfg.ready_deadline_seconds, stop)
             if instance.state == "retired" or self._closing.is_set():
                 raise provider.LaunchCancelled("the backend shut down while the instance booted")
-            instance.conn = self._connection(host, port, host_key)
+            instance.conn = self._connection(host.address, host.port, host.host_key)
             instance.paths = instance.conn.call(lambda remote: resolve_paths(remote, self.settings))
             install_helper_and_watchdog(instance.conn, instance.paths, self.settings, self.repo_root, silence)
         except provider.LaunchFailed as exc:
-            provider.terminate(self.client, self.ledger, self.cfg, ledger_id, reason=str(exc))
+            self._terminate(ledger_id, reason=str(exc))
             raise
         except BaseException as exc:
-            provider.terminate(self.client, self.ledger, self.cfg, ledger_id, reason=f"launch aborted: {exc}")
+            self._terminate(ledger_id, reason=f"launch aborted: {exc}")
             if isinstance(exc, SshError):
                 raise provider.LaunchFailed(f"instance {instance.provider_id}: {exc}") from exc
             raise
@@ -389,12 +393,13 @@ class VastBackend:
     def _poll_provider(self, instance: PooledInstance):
         """The provider's row of an instance (None when gone), its status moves recorded for the bill
         (cost.reconcile.observe_instance); _UNKNOWN when the API cannot be asked."""
+        if instance.ledger_id is None:
+            return _UNKNOWN
         try:
-            info = provider.query(self.client, self.cfg, instance.provider_id)
+            info = self.provider.describe(str(instance.ledger_id))
         except provider.ProviderError:
             return _UNKNOWN
-        if instance.ledger_id is not None:
-            self.observe(instance.ledger_id, info)
+        self.observe(instance.ledger_id, info)
         return info
 
     def observe(self, ledger_id: int, info: dict | None) -> None:
@@ -422,10 +427,8 @@ class VastBackend:
                 if r["provider_instance_id"]}
         if not ours:
             return
-        quick = self.cfg.model_copy(update={"api_deadline_seconds": min(self.cfg.api_deadline_seconds, 30.0)})
         try:
-            listed = provider.list_ours(self.client, quick,
-                                        f"{provider.LABEL_PREFIX}{self.ledger.identity()}:{self.run_id}:")
+            listed = self.provider.run_rows(api_deadline_seconds=min(self.cfg.api_deadline_seconds, 30.0))
         except provider.ProviderError as exc:
             log.warning("listing the run's instances failed: %s", exc)
             return
@@ -500,7 +503,15 @@ class VastBackend:
         if instance.conn is not None:
             instance.conn.close()
         if instance.ledger_id is not None:
-            provider.terminate(self.client, self.ledger, self.cfg, instance.ledger_id, reason=reason)
+            self._terminate(instance.ledger_id, reason=reason)
+
+    def _terminate(self, ledger_id: int, reason: str) -> None:
+        """Destroy an instance, confirmed; one the provider does not confirm is left to `armature reap` (the
+        ledger has its destroy_unconfirmed event and no destroyed_at)."""
+        try:
+            self.provider.terminate(str(ledger_id), reason=reason)
+        except provider.DestroyUnconfirmed:
+            pass            # logged, and recorded as `instance.destroy_unconfirmed`, by provider.terminate
 
     def _destroy_idle_instances(self) -> None:
         """Destroy instances idle too long; keep the dead-man switch of the others quiet (nothing polls them), and
@@ -582,14 +593,13 @@ class VastBackend:
             status = None
             if usable:
                 try:
-                    info = provider.query(self.client, self.cfg, row["provider_instance_id"])
+                    info = self.provider.describe(str(row["id"]))
                     self.observe(row["id"], info)
                     status = None if info is None else info.get("actual_status")
                 except provider.ProviderError:
                     status = "unknown-to-us"
             if status != "running":
-                provider.terminate(self.client, self.ledger, self.cfg, row["id"],
-                                   reason=f"found {status or row['state']} when the run resumed")
+                self._terminate(row["id"], reason=f"found {status or row['state']} when the run resumed")
                 continue
             num_gpus = row["num_gpus"] or self.cfg.num_gpus
             instance = PooledInstance(num_gpus=num_gpus, max_arms=min(self.cfg.arms_per_instance or num_gpus, num_gpus),
@@ -602,7 +612,7 @@ class VastBackend:
                 install_helper_and_watchdog(instance.conn, instance.paths, self.settings, self.repo_root)
             except SshError as exc:
                 instance.conn.close()
-                provider.terminate(self.client, self.ledger, self.cfg, row["id"], reason=f"unreachable: {exc}")
+                self._terminate(row["id"], reason=f"unreachable: {exc}")
                 continue
             self.pool.adopt(instance)
             self.ledger.event(self.run_id, "instance.adopted", instance_id=row["id"],

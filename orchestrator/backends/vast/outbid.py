@@ -76,7 +76,7 @@ def wait_for_resume(backend, instance: PooledInstance) -> float | None:
     deadline = started + 60.0 * (cfg.outbid_wait_minutes or 0.0)
     while time.monotonic() < deadline and not backend._closing.is_set():
         try:
-            info = provider.query(backend.client, cfg, instance.provider_id)
+            info = backend.provider.describe(str(instance.ledger_id))
         except provider.ProviderError:
             info = {}
         if info is None:

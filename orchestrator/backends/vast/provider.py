@@ -7,6 +7,9 @@
     terminate(...)   destroy, then confirm it is gone, retrying; only then is destroyed_at set
     list_ours(...)   instances whose label marks them as armature's
 
+`VastInstances` is the same, bound to one run, behind the provider seam (provision.Provider): handles are
+ledger instance row ids, as strings.
+
 Labels: `armature:<ledger id>:<run id>:<attempt id>:<ledger instance row id>`, unique per create
 try and owned by one ledger (Ledger.identity), so `reap` can tell this ledger's instances from
 those of another ledger on the same account, and a create whose answer was lost is found again.
@@ -29,6 +32,7 @@ from typing import Any, Callable
 
 import requests
 
+from orchestrator.backends.provision import CAPABILITIES, Host, HostState, LaunchCancelled, LaunchRequest
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.remote.ssh import HostKeyChanged, KeyPair, Remote
@@ -64,8 +68,8 @@ class LaunchFailed(Exception):
     """One instance did not become usable; it has been destroyed (confirmed) when it existed."""
 
 
-class LaunchCancelled(Exception):
-    """The caller asked to stop while an instance was booting."""
+class DestroyUnconfirmed(Exception):
+    """A destroy the provider did not confirm within its deadline (recorded in the ledger; `armature reap` sees it)."""
 
 
 def instance_label(ledger_id: str, run_id: str, attempt_id: int) -> str:
@@ -372,17 +376,19 @@ def query(client, cfg: VastConfig, provider_instance_id: str | int) -> dict | No
 
 
 def wait_ready(client, ledger: Ledger, cfg: VastConfig, instance_id: int, key: KeyPair,
-               stop: threading.Event) -> tuple[str, int, str]:
+               stop: threading.Event, deadline: float | None = None) -> tuple[str, int, str]:
     """Wait until the instance runs and answers SSH; returns (host, port, pinned host key).
 
     Pending: null, created, loading. Terminal: exited, offline, unknown (and stopped, frozen),
     or "OCI runtime create failed" in status_msg. SSH is probed directly, not inferred from a
     status: the key can land after the instance says running. Raises LaunchFailed at a terminal
-    status or past cfg.ready_deadline_seconds, LaunchCancelled when `stop` is set.
+    status or past `deadline` (time.monotonic(); default cfg.ready_deadline_seconds from now),
+    LaunchCancelled when `stop` is set.
     """
     row = ledger.instance(instance_id)
     provider_id = row["provider_instance_id"]
-    deadline = time.monotonic() + cfg.ready_deadline_seconds
+    started = time.monotonic()
+    deadline = started + cfg.ready_deadline_seconds if deadline is None else deadline
     last = "no status yet"
     while True:
         if stop.is_set():
@@ -412,7 +418,7 @@ def wait_ready(client, ledger: Ledger, cfg: VastConfig, instance_id: int, key: K
                 if isinstance(probe, str):
                     last = f"running, SSH not answering yet: {probe[1:]}"
         if time.monotonic() > deadline:
-            raise LaunchFailed(f"instance {provider_id} not ready after {cfg.ready_deadline_seconds:.0f}s ({last})")
+            raise LaunchFailed(f"instance {provider_id} not ready after {deadline - started:.0f}s ({last})")
         stop.wait(cfg.status_poll_seconds)
 
 
@@ -512,3 +518,81 @@ def list_ours(client, cfg: VastConfig, label_prefix: str = LABEL_PREFIX) -> list
     """Live instances of the account whose label starts with `label_prefix`."""
     rows = call_api("show instances", client.show_instances, **_api(cfg)) or []
     return [r for r in rows if str(r.get("label") or "").startswith(label_prefix)]
+
+
+# ---- behind the provider seam --------------------------------------------------------------------------
+
+class VastInstances:
+    """provision.Provider over the functions above, bound to one run: its client, ledger, config and SSH key.
+    A handle is the ledger row id of an instance (a string). Besides the seam, `describe` and `run_rows` hand
+    over the provider's own rows: billing (cost.reconcile) and outbids read fields no HostState carries."""
+
+    name = PROVIDER
+    capabilities = CAPABILITIES["vast"]
+
+    def __init__(self, client, ledger: Ledger, cfg: VastConfig, run_id: str, key: KeyPair | None = None):
+        self.client, self.ledger, self.cfg, self.run_id, self.key = client, ledger, cfg, run_id, key
+
+    def launch(self, request: LaunchRequest) -> list[str]:
+        """Rent `request.offer` (launch above), labelled `request.label:<row id>`, with the run's key attached;
+        `request.reserved`: the row the caller recorded with record_intent."""
+        if request.offer is None:
+            raise ValueError("a Vast launch needs request.offer (a search_offers row)")
+        env = {"VAST_SERVER_URL": self.cfg.server_url} if self.cfg.server_url else {}
+        instance_id = launch(self.client, self.ledger, self.cfg, run_id=self.run_id, offer=request.offer,
+                             label=request.label, public_key=self.key.public_line, env=env, onstart=request.onstart,
+                             instance_id=None if request.reserved is None else int(request.reserved))
+        return [str(instance_id)]
+
+    def wait_ready(self, handle: str, deadline: float, stop: threading.Event | None = None) -> Host:
+        host, port, host_key = wait_ready(self.client, self.ledger, self.cfg, int(handle), self.key,
+                                          stop or threading.Event(), deadline)
+        row = self.ledger.instance(int(handle))
+        return Host(name=f"{PROVIDER}-{row['provider_instance_id']}", address=host, port=port, host_key=host_key,
+                    gpus=row["num_gpus"] or self.cfg.num_gpus)
+
+    def describe(self, handle: str) -> dict | None:
+        """The provider's row of an instance (None when it is gone); ProviderError when the API cannot be asked."""
+        row = self.ledger.instance(int(handle))
+        if row is None or row["provider_instance_id"] is None:
+            return None
+        return query(self.client, self.cfg, row["provider_instance_id"])
+
+    def query(self, handles: list[str]) -> dict[str, HostState]:
+        states: dict[str, HostState] = {}
+        for handle in handles:
+            try:
+                info = self.describe(handle)
+            except ProviderError:
+                states[handle] = "unknown"
+                continue
+            status = None if info is None else info.get("actual_status")
+            if is_gone(info):
+                states[handle] = "gone"
+            elif status == "running":
+                states[handle] = "ready"
+            elif status in PENDING_STATUSES or info.get("intended_status") == "running":   # booting, or outbid
+                states[handle] = "pending"
+            else:
+                states[handle] = "gone" if status in TERMINAL_STATUSES else "unknown"
+        return states
+
+    def terminate(self, handle: str, reason: str = "") -> None:
+        """Destroyed and confirmed (terminate above), else DestroyUnconfirmed (already in the ledger)."""
+        if not terminate(self.client, self.ledger, self.cfg, int(handle), reason=reason):
+            raise DestroyUnconfirmed(f"instance row {handle}: destroy not confirmed; run `armature reap`")
+
+    def run_rows(self, api_deadline_seconds: float | None = None) -> list[dict]:
+        """The provider's rows of this run's live instances (one list call)."""
+        cfg = self.cfg if api_deadline_seconds is None else \
+            self.cfg.model_copy(update={"api_deadline_seconds": api_deadline_seconds})
+        return list_ours(self.client, cfg, f"{LABEL_PREFIX}{self.ledger.identity()}:{self.run_id}:")
+
+    def list_ours(self, identity: str) -> list[str]:
+        """Handles (ledger row ids) of the live instances whose label names ledger `identity`."""
+        handles = []
+        for info in list_ours(self.client, self.cfg, f"{LABEL_PREFIX}{identity}:"):
+            fields = str(info.get("label"))[len(LABEL_PREFIX):].split(":")
+            if len(fields) == 4 and fields[3].isdigit() and info.get("actual_status") not in GONE_STATUSES:
+                handles.append(fields[3])
+        return handles
