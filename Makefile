@@ -47,10 +47,10 @@ ablation: $(STAMP)
 	@$(if $(VAST_ENV),echo "no VAST_API_KEY: using the Vast simulator at $(SIM_URL) (start it with make cloud-sim)")
 	$(VAST_ENV) $(VENV)/bin/armature ablation $(ARMS) $(if $(BACKEND),--backend $(BACKEND)) $(VAST_ARGS) $(ARGS)
 
-# Three pytest workers on 2 cores: most end-to-end tests spend their time waiting on process start-up (Ray,
-# trainers, sshd, simulated instances): the suite used about 10 CPU-minutes in 14.5 minutes with two workers.
+# Two pytest workers: most end-to-end tests spend their time waiting on process start-up (Ray, trainers,
+# sshd, simulated instances). Three were tried: no faster on 2 cores (load 6-7) and timing tests flaked.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -n 3 --durations=20
+	$(PY) -m pytest -q -n 2 --durations=20
 
 bench: $(STAMP) system-deps
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
