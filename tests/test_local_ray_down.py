@@ -9,7 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-from tests.armature_helpers import TINY_VQVAE_BASE, armature, ledger, start_armature, tiny_spec, wait_for
+from tests.armature_helpers import (TINY_VQVAE_BASE, armature, descendants, ledger, start_armature, tiny_spec,
+                                    wait_for)
 
 STEPS = 400
 LONG = f"""name: raydown
@@ -21,23 +22,6 @@ arms:
   - name: a
 resources: {{gpus: 0, cpus: 1}}
 """
-
-
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _named(pid: int) -> str:
@@ -67,7 +51,7 @@ def test_a_dead_local_ray_interrupts_the_run_without_using_retries_and_resume_fi
     try:
         out = home / "rd" / "a" / "seed0"
         wait_for(lambda: (out / "checkpoints" / "last.pt").exists(), 120, "a first checkpoint")
-        (gcs,) = wait_for(lambda: [p for p in _descendants(proc.pid) if _named(p) == "gcs_server"], 30,
+        (gcs,) = wait_for(lambda: [p for p in descendants(proc.pid) if _named(p) == "gcs_server"], 30,
                           "the run's own gcs_server")
         os.kill(gcs, signal.SIGKILL)
         killed_at = time.time()

@@ -25,7 +25,7 @@ from orchestrator.errors import SpecError
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
 from orchestrator.spec import load_plan
-from tests.armature_helpers import armature, ledger, metric_steps, start_armature, tiny_spec, wait_for
+from tests.armature_helpers import armature, descendants, ledger, metric_steps, start_armature, tiny_spec, wait_for
 from tests.test_vast_backend import ALLOW_DIRTY
 
 pytestmark = pytest.mark.skipif(find_sshd() is None or os.geteuid() != 0,
@@ -33,23 +33,6 @@ pytestmark = pytest.mark.skipif(find_sshd() is None or os.geteuid() != 0,
 
 TOKEN = secrets.token_hex(6)
 MARKER = "ARMATURE_SSH_TEST_HOST"
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 class SshdHost:
