@@ -71,6 +71,12 @@ def look_alphas(fractions: list[float], alpha: float = ALPHA, boundary: str = "b
     return [later - earlier for earlier, later in zip(spent, spent[1:])]
 
 
+def look_alpha(alpha_k: float, compared: int) -> float:
+    """The alpha one arm is tested at in a look whose alpha is `alpha_k`: split over the `compared` arms compared
+    with the baseline (Bonferroni over arms)."""
+    return alpha_k / max(compared, 1)
+
+
 def evaluation_steps(configs: list[dict], after_step: int = 1) -> list[int]:
     """Steps at or after `after_step` (and after 0) at which every config evaluates, before the shortest one
     ends."""
@@ -91,6 +97,15 @@ def planned_looks(configs: list[dict], after_step: int, looks: int) -> list[int]
         if step is not None and step not in chosen:
             chosen.append(step)
     return chosen
+
+
+def decided_looks(configs: list[dict], settings) -> tuple[list[int], list[float]]:
+    """`decided`'s planned looks for these arm configs and the spec's EarlyStopping `settings`, with the alpha
+    each look is tested at (before the split over arms, `look_alpha`): the study's alpha spent by `boundary` at
+    the looks' fractions of the shortest arm's training."""
+    looks = planned_looks(configs, settings.after_step, settings.looks)
+    last = min(int(c["steps"]) for c in configs)
+    return looks, look_alphas([s / last for s in looks], ALPHA, settings.boundary)
 
 
 def halving_rungs(configs: list[dict], grace_steps: int, reduction_factor: int) -> list[int]:
@@ -174,9 +189,7 @@ class EarlyStopper:
         configs = [json.loads(r["config_json"]) for r in ledger.arm_runs(run_id, kind="arm")]
         stopper = cls(ledger, run_id, metric, mode, baseline, boundary=settings.boundary)
         if settings.decided and baseline is not None:
-            stopper.looks = planned_looks(configs, settings.after_step, settings.looks)
-            last = min(int(c["steps"]) for c in configs)
-            stopper.alphas = look_alphas([s / last for s in stopper.looks], ALPHA, settings.boundary)
+            stopper.looks, stopper.alphas = decided_looks(configs, settings)
         if settings.halving is not None:
             stopper.reduction_factor = settings.halving.reduction_factor
             stopper.rungs = halving_rungs(configs, settings.halving.grace_steps, settings.halving.reduction_factor)
@@ -233,7 +246,7 @@ class EarlyStopper:
 
     def _look(self, arm_runs: list[dict], arm: str, step: int, compared: int) -> Decision | None:
         index = self.looks.index(step)
-        alpha = self.alphas[index] / max(compared, 1)
+        alpha = look_alpha(self.alphas[index], compared)
         verdict = worse_than_baseline(self._values_at(arm_runs, step), arm, self.baseline, self.mode, alpha)
         self.ledger.event(self.run_id, "early_stop.look", arm=arm, step=step, look=index + 1, of=len(self.looks),
                           alpha=alpha, boundary=self.boundary, n=verdict.n, diff_mean=verdict.diff_mean,

@@ -7,8 +7,10 @@ from rich.table import Table
 
 from orchestrator.backends.provision import capabilities
 from orchestrator.cost.estimate import Estimate, estimate_study, local_dollars_per_hour, record_estimate
+from orchestrator.early_stop import decided_looks, halving_rungs, look_alpha
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
+from orchestrator.report.verdicts import ALPHA
 from orchestrator.spec import Plan, PlannedUpstream, flatten
 
 
@@ -75,6 +77,45 @@ def seed_lines(plan: Plan) -> list[str]:
     return lines
 
 
+def _numbers(values) -> str:
+    return ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def early_stop_lines(plan: Plan) -> list[str]:
+    """The study's early stopping as the scheduler will apply it (orchestrator/early_stop.py, computed by the same
+    functions as EarlyStopper.for_run): the interim looks and the alpha each spends, the halving rungs, the bound
+    rules. No lines when `early_stop` is not set."""
+    study = plan.study
+    settings = study.early_stop
+    configs = [run.config for run in plan.arm_runs]
+    lines = []
+    if settings.decided and study.baseline is not None:
+        looks, alphas = decided_looks(configs, settings)
+        last = min(int(c["steps"]) for c in configs)
+        compared = len({run.arm for run in plan.arm_runs} - {study.baseline})
+        per_arm = _numbers(look_alpha(a, compared) for a in alphas)
+        tested = (f"the one arm compared with {study.baseline} is tested at the look's alpha" if compared == 1 else
+                  f"each of the {compared} arms compared with {study.baseline} is tested at the look's alpha / "
+                  f"{compared} = {per_arm} (Bonferroni over arms)")
+        lines.append(f"early stop (decided): looks at steps {_numbers(looks)} of {last}; alpha per look "
+                     f"{_numbers(alphas)} ({settings.boundary} over the looks), total {sum(alphas):.3g} of the "
+                     f"study's alpha {ALPHA:g}; {tested}; an arm is stopped when worse than {study.baseline} at a "
+                     f"look by the study's paired t-test on {study.metric.name} at that step")
+    if settings.halving is not None:
+        factor = settings.halving.reduction_factor
+        rungs = halving_rungs(configs, settings.halving.grace_steps, factor)
+        lines.append(f"early stop (halving): rungs at steps {_numbers(rungs)}; keep the best 1/{factor} at each "
+                     f"rung: an arm goes on when its mean {study.metric.name} ranks within the best ceil(k/{factor}) "
+                     f"of the k arms that reached the rung so far (the first always goes on; "
+                     f"{study.baseline or 'the baseline'} is never ranked)")
+    for rule in settings.rules:
+        bound = " or ".join(f"{word} {value:g}" for word, value in (("above", rule.above), ("below", rule.below))
+                            if value is not None)
+        lines.append(f"early stop (bound): an arm run stops when {rule.metric} is {bound} at or after step "
+                     f"{rule.after_step}")
+    return lines
+
+
 def print_plan(plan: Plan, console: Console) -> None:
     study = plan.study
     seeds = study.seed_list
@@ -92,7 +133,7 @@ def print_plan(plan: Plan, console: Console) -> None:
         trainer = (plan.trainers[arm].name,) if cross_family else ()
         table.add_row(arm + marker, *trainer, change, str(steps[arm]), n_seeds)
     console.print(table)
-    for line in seed_lines(plan):
+    for line in seed_lines(plan) + early_stop_lines(plan):
         console.print(line, soft_wrap=True)
     res = study.resources
     memory = f", {res.gpu_memory_gb} GB GPU memory" if res.gpu_memory_gb else ""
