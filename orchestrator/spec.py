@@ -128,8 +128,8 @@ class EarlyStopping(BaseModel):
           rules: [{metric: loss, above: 10}]                 # bound rules, as in the list form
 
     The statistics (paired t-test at the look's step, Bonferroni over the arms compared at a look, alpha spent
-    over the planned looks) and the halving rule are described in orchestrator/early_stop.py. Stopped arms are reported apart, never in
-    the final verdicts."""
+    over the planned looks) and the halving rule are described in orchestrator/early_stop.py. Stopped arms are
+    reported apart, never in the final verdicts."""
     model_config = ConfigDict(extra="forbid")
     decided: bool = Field(False, description="stop arms decided worse than the baseline at an interim look")
     looks: int = Field(4, ge=1, description="at most this many interim looks for `decided`")
