@@ -253,7 +253,9 @@ ADDED_COLUMNS = (("runs", "orchestrator_start_time", "TEXT"), ("runs", "final_st
                  # move is also an `instance.status` event), the disk and its $/GB/month, a bid rental
                  ("instances", "stopped_at", "REAL"), ("instances", "exited_at", "REAL"),
                  ("instances", "disk_gb", "REAL"), ("instances", "storage_cost", "REAL"),
-                 ("instances", "interruptible", "INTEGER"))
+                 ("instances", "interruptible", "INTEGER"),
+                 # the provider's own start of the rental (Vast's start_date), from which it bills storage
+                 ("instances", "provider_started_at", "REAL"))
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict:

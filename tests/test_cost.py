@@ -560,3 +560,56 @@ def test_reconcile_against_the_vast_simulator(tmp_path, ledger):
     assert checks[preempted].flagged and checks[preempted].difference < -0.01
     text = cost_command(ledger, console_width=140)
     assert "Billed vs estimate" in text and "MISMATCH" in text
+
+
+# ---- decisions (`--detail`): outbids, idle stops, excluded offers, early stops ----------------------
+
+def test_cost_detail_lists_each_decision_from_the_emitters_events(ledger):
+    from orchestrator import early_stop
+    from orchestrator.backends.vast import idle, offers, outbid
+    from orchestrator.cost import decisions
+
+    # the report reads the kinds its emitters write
+    assert (decisions.OUTBID, decisions.IDLE_STOPPED, decisions.EXCLUDED, decisions.STOPPED_EARLY) == (
+        outbid.OUTBID_EVENT, idle.IDLE_EVENT, offers.EXCLUDED_EVENT, early_stop.STOP_EVENT)
+    add_run(ledger, "d1")
+    add_run(ledger, "other")
+    ranked = offers.RankedOffers([{"id": 77, "machine_id": 901}], set())
+    ranked.failed({"id": 77, "machine_id": 901}, "instance 5 not ready after 3s", ledger, "d1")
+    ledger.event("d1", outbid.OUTBID_EVENT, instance_id=3, provider_instance_id="4242", action="wait",
+                 wait_dollars=0.0123, move_dollars=0.0456, own_rate=0.15, best_rate=0.375)
+    ledger.event("d1", decisions.RESUMED, instance_id=3, waited_seconds=42.4)
+    waste = idle.record_idle_waste(ledger, "d1", 3, idle_seconds=600.0, dollars_per_hour=0.6, arm="lr_high")
+    ledger.event("d1", early_stop.STOP_EVENT, arm="lr_high", rule="worse", step=800,
+                 reason="stopped early: worse at step 800", why="p=0.001 at look 2 of 3")
+    idle.record_idle_waste(ledger, "other", 9, idle_seconds=60.0, dollars_per_hour=1.0, arm=None)
+    assert waste == pytest.approx(0.1)
+
+    plain = cost_command(ledger, "d1", now=LATER, console_width=200)
+    table = cost_command(ledger, "d1", now=LATER, console_width=200, detail=True)
+    assert "Decisions" not in plain and "Decisions" in table
+    expected = ["offer 77 failed; machine 901 excluded for the rest of the run: instance 5 not ready after 3s",
+                "instance 3 (vast 4242) outbid: waited for it (expected $0.0123 waiting, $0.0456 moving;"
+                " own $0.150/h, best offer $0.375/h)",
+                "instance 3 resumed after its outbid, 42 s later",
+                "instance 3 stopped: GPUs idle 600 s under arm lr_high, waste $0.1000",
+                "arm lr_high stopped early at step 800: stopped early: worse at step 800 (p=0.001 at look 2 of 3)"]
+    shown = [line for line in table.splitlines() if any(text in line for text in expected)]
+    assert len(shown) == len(expected)                  # each once, in the order decided
+    for line, text in zip(shown, expected):
+        assert line.endswith(text)
+    assert "instance 9" not in table                    # another run's decision
+
+    markdown = cost_command(ledger, "d1", now=LATER, fmt="markdown", detail=True)
+    assert sum(f"  {text}" in markdown and markdown.count(text) == 1 for text in expected) == len(expected)
+    rows = [r for r in csv.DictReader(io.StringIO(cost_command(ledger, "d1", now=LATER, fmt="csv", detail=True)))
+            if r["row"] == "decision"]
+    assert [r["decision"] for r in rows] == expected
+    assert [r["kind"] for r in rows] == [offers.EXCLUDED_EVENT, outbid.OUTBID_EVENT, decisions.RESUMED,
+                                         idle.IDLE_EVENT, early_stop.STOP_EVENT]
+    assert float(rows[3]["waste_dollars"]) == pytest.approx(0.1) and rows[3]["instance"] == "3"
+    assert not [r for r in csv.DictReader(io.StringIO(cost_command(ledger, "d1", now=LATER, fmt="csv")))
+                if r["row"] == "decision"]
+    (study,) = json.loads(cost_command(ledger, "d1", now=LATER, fmt="json"))["studies"]
+    assert [d["text"] for d in study["decisions"]] == expected
+    assert study["decisions"][1]["detail"]["action"] == "wait"

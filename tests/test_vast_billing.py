@@ -11,7 +11,8 @@ import vastai
 from infra import vastsim
 from infra.vastsim import billing
 from infra.vastsim.instances import find_sshd
-from orchestrator.cost.reconcile import (fetch_provider_charges, observe_instance, reconcile, status_changes)
+from orchestrator.cost.reconcile import (bill_breakdown, expected_bill, fetch_provider_charges, observe_instance, reconcile,
+                                         status_changes)
 from orchestrator.ledger import Ledger
 
 API_KEY = "billing-test-key"
@@ -162,6 +163,13 @@ def test_every_lifecycle_reconciles_within_one_percent(sim, ledger):
         assert not check.flagged and check.status == "ok"
     gpu = {line["metadata"]["instance_id"]: line["metadata"]["gpu_seconds"]
            for line in sim.state()["charges"]}
+    for contract, row in account.ids.items():
+        # storage is dated by the provider's start_date and the accepted destroy, not our own request times
+        instance = ledger.instance(row)
+        assert instance["provider_started_at"] is not None and instance["provider_started_at"] >= instance["created_at"]
+        billed = bill_breakdown(ledger, row)["storage_seconds"]
+        expected = expected_bill(instance, status_changes(ledger, row), time.time()).storage_seconds
+        assert abs(billed - expected) < 0.15, (contract, billed, expected)
     assert gpu[stuck] == 0.0                                # never ran: storage only
     assert gpu[preempted] < gpu[plain] - 1.0 and gpu[stopped] < gpu[plain] - 0.5
 

@@ -14,8 +14,9 @@ a relative (1%) and an absolute threshold, each with its reason:
   GPU        dph_total $/h (the bid of an interruptible rental) for every second the instance
              was `running`: the periods `instance.status` events record (`observe_instance`),
              else ready_at until the first stop / exit / destroy the ledger has
-  storage    disk_gb x storage_cost $/GB/month for every second from the create request to the
-             confirmed destroy (stopped, exited and loading included)
+  storage    disk_gb x storage_cost $/GB/month for every second from the provider's start of the
+             rental (its `start_date`, else the create request) to the destroy request it accepted
+             (stopped, exited and loading included; else to the confirmed destroy)
   bandwidth  not metered by armature: a billed amount shows up as a flagged difference
 
 Contracted rates the ledger lacks (disk_gb, storage_cost of instances recorded before those
@@ -149,6 +150,8 @@ def observe_instance(ledger: Ledger, instance_id: int, info: dict | None, now: f
     exited or went offline, or is gone (None). Backends call this with every row they poll. Returns the
     status recorded, or None when nothing changed."""
     now = time.time() if now is None else now
+    if info is not None:
+        _record_provider_start(ledger, instance_id, info.get("start_date"))
     status = "destroyed" if info is None else info.get("actual_status")
     changes = status_changes(ledger, instance_id)
     last = changes[-1][1] if changes else None
@@ -163,6 +166,17 @@ def observe_instance(ledger: Ledger, instance_id: int, info: dict | None, now: f
             return None
     record_instance_status(ledger, instance_id, status, at)
     return status
+
+
+def _record_provider_start(ledger: Ledger, instance_id: int, start_date) -> None:
+    """The provider's start of the rental, once: a number of epoch seconds no earlier than an hour before our create
+    request (anything else, e.g. another clock's garbage, is ignored and storage is dated from the request)."""
+    if isinstance(start_date, bool) or not isinstance(start_date, (int, float)):
+        return
+    row = ledger.instance(instance_id)
+    if row is None or row["provider_started_at"] is not None or start_date < row["created_at"] - 3600:
+        return
+    ledger.update_instance(instance_id, provider_started_at=float(start_date))
 
 
 def record_instance_status(ledger: Ledger, instance_id: int, status: str, at: float) -> None:
@@ -210,15 +224,24 @@ def expected_bill(instance: dict, changes: list[tuple[float, str]], now: float,
         return ExpectedBill(0.0, 0.0, 0.0, 0.0)
     if instance["dph_total"] is None:
         return None
-    end, _ = instance_end(instance, now)
+    end, still_running = instance_end(instance, now)
     gpu_seconds = sum(stop - start for start, stop in running_periods(instance, changes, end))
-    storage_seconds = end - instance["created_at"]
+    # storage ends with the accepted destroy request (its `destroyed` status move), not our later confirmation
+    accepted = [at for at, status in changes if status == "destroyed"]
+    storage_end = end if still_running or not accepted else min(end, accepted[-1])
+    storage_seconds = max(0.0, storage_end - storage_start(instance))
     disk_gb = instance["disk_gb"] if instance["disk_gb"] is not None else (breakdown or {}).get("disk_gb")
     storage_cost = (instance["storage_cost"] if instance["storage_cost"] is not None
                     else (breakdown or {}).get("storage_cost"))
     storage_dollars = (disk_gb or 0.0) * (storage_cost or 0.0) * storage_seconds / MONTH_S
     return ExpectedBill(gpu_seconds=gpu_seconds, gpu_dollars=instance["dph_total"] * gpu_seconds / 3600,
                         storage_seconds=storage_seconds, storage_dollars=storage_dollars)
+
+
+def storage_start(instance: dict) -> float:
+    """When storage starts billing: the provider's start of the rental where it told us, else our create request."""
+    started = instance.get("provider_started_at")
+    return instance["created_at"] if started is None else started
 
 
 def bill_breakdown(ledger: Ledger, instance_id: int) -> dict | None:

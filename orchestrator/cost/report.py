@@ -113,6 +113,11 @@ def _study_caption(study: Study) -> list[str]:
     return parts
 
 
+def _decision_lines(study: Study) -> list[str]:
+    """The study's decisions (cost.decisions), one line each with its local time."""
+    return [f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(d.at))}  {d.text}" for d in study.decisions]
+
+
 def _study_heading(study: Study) -> str:
     if study.run is None:
         return "Instances that belong to no run"
@@ -221,6 +226,11 @@ def render_table(report: CostReport, *, detail: bool = False, console_width: int
         console.print(table)
         for caption in _study_caption(study):
             say(caption)
+        if detail and study.decisions:
+            say()
+            say("Decisions")
+            for line in _decision_lines(study):
+                say(f"  {line}")
     totals = report.totals
     say()
     say(f"Total: {_cost_cell(totals)} over {len(report.studies)} stud{'ies' if len(report.studies) != 1 else 'y'},"
@@ -258,7 +268,7 @@ def _strip(text: str) -> str:
 CSV_FIELDS = ("row", "run_id", "study", "backend", "group", "group_kind", "seed", "attempt", "attempt_state",
               "instance", "provider_instance", "kind", "waste", "attempts", "hours", "gpu_hours",
               "dollars_per_hour", "dollars", "waste_dollars", "share", "unknown", "still_running",
-              "estimate_dollars", "priced_by")
+              "estimate_dollars", "priced_by", "at", "decision")
 
 
 def _number(value: float | None) -> str:
@@ -276,7 +286,8 @@ def _totals_fields(report: CostReport, totals: Totals) -> dict:
 
 def render_csv(report: CostReport, *, detail: bool = False) -> str:
     """Rows: 'study' (a run's total and estimate), then its groups ('arm', 'upstream', 'overhead'),
-    each followed by its 'line' rows when `detail`; a last 'total' row. Unknown dollars are empty."""
+    each followed by its 'line' rows when `detail`, and then (when `detail`) its 'decision' rows; a last
+    'total' row. Unknown dollars are empty."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -299,6 +310,11 @@ def render_csv(report: CostReport, *, detail: bool = False) -> str:
                                  "provider_instance": line.provider_instance_id or "",
                                  "kind": line.kind, "waste": int(line.waste), "priced_by": line.priced_by,
                                  **_totals_fields(report, Totals.of([line]))})
+        for decision in study.decisions if detail else []:
+            writer.writerow({**base, "row": "decision", "kind": decision.kind,
+                             "instance": "" if decision.instance_id is None else decision.instance_id,
+                             "waste_dollars": _number(decision.waste_dollars), "at": f"{decision.at:.3f}",
+                             "decision": decision.text})
     writer.writerow({"row": "total", **_totals_fields(report, report.totals),
                      "estimate_dollars": _number(sum(s.estimate["dollars"] for s in report.studies if s.estimate))
                      if any(s.estimate for s in report.studies) else ""})
@@ -338,6 +354,8 @@ def render_json(report: CostReport) -> str:
             "estimate": study.estimate, **_totals_json(report, study.totals),
             "groups": [{"label": group.label, "kind": group.kind, **_totals_json(report, group.totals),
                         "lines": [_line_json(line) for line in group.lines]} for group in study.groups],
+            "decisions": [{"at": d.at, "kind": d.kind, "instance_id": d.instance_id, "text": d.text,
+                           "waste_dollars": d.waste_dollars, "detail": d.detail} for d in study.decisions],
         })
     document = {
         "headline": report.headline() if report.studies else _empty_message(report),
@@ -379,6 +397,8 @@ def render_markdown(report: CostReport, *, detail: bool = False) -> str:
         out += _md_table(COLUMNS, rows)
         caption = _study_caption(study)
         out += ["", *(f"_{c}_" for c in caption), ""] if caption else [""]
+        if detail and study.decisions:
+            out += ["Decisions:", "", *(f"- {line}" for line in _decision_lines(study)), ""]
     totals = report.totals
     out += [f"**Total: {_cost_cell(totals)}**, {totals.gpu_hours:.2f} GPU-hours, waste {money(totals.waste_dollars)}",
             ""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from orchestrator.cost.decisions import Decision, run_decisions
 from orchestrator.cost.model import OVERHEAD_KINDS, CostLine, Rates, cost_lines
 from orchestrator.cost.estimate import recorded_estimates
 from orchestrator.cost.reconcile import InstanceReconciliation, reconcile
@@ -74,6 +75,7 @@ class Study:
     groups: list[Group]
     experiments: int                # arm runs of kind 'arm'
     estimate: dict | None           # {dollars, hours} recorded before the run, if any
+    decisions: list[Decision] = field(default_factory=list)   # outbids, idle stops, exclusions, early stops
 
     @property
     def run_id(self) -> str | None:
@@ -187,7 +189,8 @@ def build_report(ledger: Ledger, runs: list[dict], *, now: float, rates: Rates, 
         by_run.setdefault(line.run_id, []).append(line)
 
     studies = [Study(run=run, groups=_groups(by_run.get(run["run_id"], []), arms.get(run["run_id"], [])),
-                     experiments=experiments.get(run["run_id"], 0), estimate=estimates.get(run["run_id"]))
+                     experiments=experiments.get(run["run_id"], 0), estimate=estimates.get(run["run_id"]),
+                     decisions=run_decisions(ledger, run["run_id"]))
                for run in runs]
     if by_run.get(None):
         studies.append(Study(run=None, groups=_groups(by_run[None], []), experiments=0, estimate=None))
