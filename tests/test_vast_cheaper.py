@@ -21,6 +21,7 @@ from infra.vastsim import Simulator
 from orchestrator.backends.vast import make_client
 from orchestrator.backends.vast.offers import EXCLUDED_EVENT
 from orchestrator.backends.vast.outbid import OUTBID_EVENT
+from orchestrator.cost.command import cost_command
 from orchestrator.cost.model import MONTH_HOURS, cost_lines, current_spend
 from orchestrator.cost.reconcile import (STATUS_EVENT, bill_breakdown, expected_bill, fetch_provider_charges,
                                          reconcile, status_changes)
@@ -197,7 +198,6 @@ def test_the_cost_model_counts_storage_for_the_whole_life_at_the_contracted_rate
 
 
 def test_cost_detail_shows_why_a_bill_differs(tmp_path):
-    from orchestrator.cost.command import cost_command
     from orchestrator.ledger import Ledger
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
@@ -217,3 +217,66 @@ def test_cost_detail_shows_why_a_bill_differs(tmp_path):
     assert reason in detail
     assert f"- {reason}" in cost_command(ledger, "bw", now=start + 7200, fmt="markdown", detail=True)
     ledger.close()
+
+
+def test_an_outbid_while_deploying_is_weighed_and_the_arm_continues_on_the_resumed_instance(harness, sim):
+    # keep_instances off: the resumed instance must outlive the hit attempt's release, for the arm's next attempt
+    backend = harness.backend(interruptible=True, outbid_wait_minutes=0.5, keep_instances=False, ssh_retries=1)
+    arm = harness.arm("outbid-deploy")
+    outbid: dict = {}
+
+    def rival_bid_while_deploying(event, stop):
+        if event["kind"] == "state" and event["state"] == "deploying" and not outbid:
+            outbid["done"] = True
+            sim.compete(5001, bids=[0.2])                          # sshd and every process die before the deploy
+            threading.Timer(1.5, sim.compete, args=(5001,)).start()  # the rival leaves: ours may resume
+
+    first = harness.spec(arm)
+    result, events_ = harness.run(backend, first, rival_bid_while_deploying)
+    assert result.outcome == "preempted", result
+    assert "outbid and resumed" in result.reason
+    assert not [e for e in events_ if e["kind"] == "attempt"]        # no trainer started on it
+    (decision,) = events(harness, OUTBID_EVENT)
+    assert (decision["action"], decision["during"], decision["own_rate"]) == ("wait", "deploy", 0.15)
+    assert decision["wait_dollars"] < decision["move_dollars"]
+    assert "901" not in backend.excluded_machines
+
+    result, _ = harness.run(backend, harness.spec(arm))
+    assert result.outcome == "succeeded", result
+    (row,) = instances(harness)                                    # the same instance: nothing else rented
+    hit, second = harness.ledger.attempts(arm)
+    assert (hit["state"], second["state"], second["instance_id"]) == ("preempted", "succeeded", row["id"])
+    assert row["destroyed_at"] is not None                         # keep_instances off: gone once the arm ended
+    assert harness.ours_alive_at_provider() == []
+    detail = cost_command(harness.ledger, harness.run_id, detail=True, console_width=250)
+    assert (f"instance {row['id']} (vast {row['provider_instance_id']}) outbid while deploying: waited for it"
+            f" (expected ${decision['wait_dollars']:.4f} waiting, ${decision['move_dollars']:.4f} moving") in detail
+    assert f"instance {row['id']} resumed after its outbid" in detail
+
+
+def test_an_outbid_while_booting_moves_to_the_next_offer_and_is_recorded(harness, sim):
+    sim.set_faults(offer_id=5001, stuck_loading=True)              # still booting when the rival bids
+    backend = harness.backend(interruptible=True, outbid_wait_minutes=0.5)
+
+    def rival_bid_once_loading():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if [i for i in harness.ours_alive_at_provider() if i["machine_id"] == 901
+                    and i["actual_status"] == "loading"]:
+                sim.compete(5001, bids=[0.2])
+                return
+            time.sleep(0.05)
+
+    rival = threading.Thread(target=rival_bid_once_loading)
+    rival.start()
+    try:
+        result, _ = harness.run(backend, harness.spec(harness.arm("outbid-boot")))
+    finally:
+        rival.join()
+        sim.compete(5001)
+    assert result.outcome == "succeeded", result
+    (decision,) = events(harness, OUTBID_EVENT)
+    assert (decision["action"], decision["during"], decision["own_rate"]) == ("move", "boot", 0.15)
+    first, second = instances(harness)
+    assert (first["offer_id"], decision["instance_id"], second["offer_id"]) == ("5001", first["id"], "5002")
+    assert "outbid while booting" in first["reason"] and "901" in backend.excluded_machines

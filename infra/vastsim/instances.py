@@ -109,6 +109,22 @@ def kill_marked_processes(markers: dict[str, str], rounds: int = 50) -> int:
     return killed
 
 
+def child_pids(parent: int) -> list[int]:
+    """Pids of the direct children of ``parent`` (sshd's retitled processes hide the markers of their environment)."""
+    children = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:     # "pid (comm) state ppid ..."
+            children.append(int(entry.name))
+    return children
+
+
 def _sshd_config_value(value: str) -> str:
     if "\n" in value or "\r" in value:
         raise ValueError("environment values cannot contain newlines")
@@ -360,9 +376,16 @@ class InstanceHost:
         return find_marked_pids(self.markers)
 
     def kill_all(self) -> int:
-        """SIGKILL sshd and every process of the instance."""
+        """SIGKILL sshd, its open sessions (the container stops: connections drop) and every process of the
+        instance."""
+        sessions = child_pids(self.sshd.pid) if self.sshd_running else []
         self.stop_sshd()
-        killed = kill_marked_processes(self.markers)
+        for pid in sessions:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed = kill_marked_processes(self.markers) + len(sessions)
         if self.onstart is not None:
             if self.onstart.poll() is None:
                 self.onstart.kill()

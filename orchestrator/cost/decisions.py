@@ -47,13 +47,15 @@ def describe(kind: str, detail: dict) -> str:
     if kind == OUTBID:
         action = {"wait": "waited for it", "move": "moved on"}.get(detail.get("action"), str(detail.get("action")))
         during = _DURING.get(detail.get("during"), "")
-        weighed = f"expected {_dollars(detail.get('wait_dollars'))} waiting, {_dollars(detail.get('move_dollars'))}" \
-                  f" moving"
-        rates = ""
-        if detail.get("own_rate") is not None and detail.get("best_rate") is not None:
-            rates = f"; own ${float(detail['own_rate']):.3f}/h, best offer ${float(detail['best_rate']):.3f}/h"
-        reason = f"; {detail['reason']}" if detail.get("reason") else ""
-        return f"{_instance(detail)} outbid{' ' + during if during else ''}: {action} ({weighed}{rates}){reason}"
+        numbers = []
+        if detail.get("wait_dollars") is not None or detail.get("move_dollars") is not None:
+            numbers.append(f"expected {_dollars(detail.get('wait_dollars'))} waiting,"
+                           f" {_dollars(detail.get('move_dollars'))} moving")
+        if detail.get("own_rate") is not None:
+            numbers.append(f"own ${float(detail['own_rate']):.3f}/h" + (
+                "" if detail.get("best_rate") is None else f", best offer ${float(detail['best_rate']):.3f}/h"))
+        return (f"{_instance(detail)} outbid{' ' + during if during else ''}: {action}"
+                + (f" ({'; '.join(numbers)})" if numbers else ""))
     if kind == RESUMED:
         waited = detail.get("waited_seconds")
         return f"{_instance(detail)} resumed after its outbid" + (f", {float(waited):.0f} s later" if waited else "")

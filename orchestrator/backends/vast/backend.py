@@ -223,14 +223,26 @@ class VastBackend:
             self._release(instance, spec.attempt_id)
 
     def classify_ssh_failure(self, instance: PooledInstance, exc: SshError, watch, adopting: bool = False):
-        """An instance we cannot talk to is destroyed: gone or dying = preempted (lost when adopting), else lost."""
+        """An instance we cannot talk to (deploying, starting or watching a trainer). Outbid (interruptible):
+        waited for or moved from, as when a running trainer notices it (_after_outbid; kept in the pool when it
+        resumed, else destroyed); gone or dying: destroyed; both end the attempt preempted (lost when adopting, as
+        watch.instance_lost has it: the orchestrator was not there to see what the host did). Else destroyed,
+        lost."""
         if isinstance(exc, HostKeyChanged):
             self.ledger.event(self.run_id, "instance.host_key_changed", instance_id=instance.ledger_id,
                               detail=str(exc))
             self.retire(instance, str(exc))
             return AttemptResult("lost", reason=str(exc), end_step=watch.last_step if watch else None)
-        status = self.provider_status(instance)
+        info = self._row_after_lost_contact(instance)
         end_step = watch.last_step if watch else None
+        if self.cfg.interruptible and outbid.is_outbid(info):
+            # "run" once a trainer started on it (its attempt said which instance): what decide weighs redoing
+            during = "run" if adopting or self.activity.on_instance(instance.ledger_id) else "deploy"
+            why = self._after_outbid(instance, during)
+            self.lose_host(instance, why)
+            return AttemptResult("lost" if adopting else "preempted", reason=f"{why} ({exc})"[:500],
+                                 end_step=end_step)
+        status = "unknown-to-us" if info is _UNKNOWN else "gone" if info is None else str(info.get("actual_status"))
         if status in ("gone",) + provider.TERMINAL_STATUSES:
             self.exclude_machine(instance)
             self.retire(instance, f"instance {instance.provider_id} is {status}")
@@ -383,13 +395,6 @@ class VastBackend:
 
     # ---- giving instances back -------------------------------------------------------------------
 
-    def provider_status(self, instance: PooledInstance) -> str:
-        """'gone', the provider's actual_status, or 'unknown-to-us' when the API cannot be asked."""
-        info = self._poll_provider(instance)
-        if info is _UNKNOWN:
-            return "unknown-to-us"
-        return "gone" if info is None else str(info.get("actual_status"))
-
     def _poll_provider(self, instance: PooledInstance):
         """The provider's row of an instance (None when gone), its status moves recorded for the bill
         (cost.reconcile.observe_instance); _UNKNOWN when the API cannot be asked."""
@@ -439,24 +444,30 @@ class VastBackend:
     # ---- what the remote-host runtime asks (remote.watch.HostOwner) ----
 
     def host_gone(self, instance: PooledInstance) -> str | None:
-        info = self._poll_provider(instance)
-        if self.cfg.interruptible and isinstance(info, dict) and info.get("actual_status") == "running":
-            # an outbid kills the processes before the status says so: look once more before calling them lost
-            self._closing.wait(self.cfg.status_poll_seconds)
-            info = self._poll_provider(instance)
+        info = self._row_after_lost_contact(instance)
         if info is _UNKNOWN:
             return None
         if outbid.is_outbid(info):
-            return self._after_outbid(instance)
+            return self._after_outbid(instance, "run")
         status = "gone" if info is None else str(info.get("actual_status"))
         if status == "gone" or status in provider.TERMINAL_STATUSES:
             return f"instance {instance.provider_id} is {status}"
         return None
 
-    def _after_outbid(self, instance: PooledInstance) -> str:
-        """An outbid instance: wait for it to resume or move on (outbid.decide); why the attempt on it ended. A
-        resumed instance stays in the pool (lose_host keeps it) for the next attempt of the arm."""
-        choice = outbid.decide(self, instance)
+    def _row_after_lost_contact(self, instance: PooledInstance):
+        """_poll_provider, for an instance whose processes stopped answering: an outbid kills them before the
+        status says so, so a running interruptible instance is looked at once more before they count as lost."""
+        info = self._poll_provider(instance)
+        if self.cfg.interruptible and isinstance(info, dict) and info.get("actual_status") == "running":
+            self._closing.wait(self.cfg.status_poll_seconds)
+            info = self._poll_provider(instance)
+        return info
+
+    def _after_outbid(self, instance: PooledInstance, during: str) -> str:
+        """An outbid instance (`during` deploy or run): wait for it to resume or move on (outbid.decide); why the
+        attempt on it ended. A resumed instance stays in the pool (neither lose_host nor _release gives it up)
+        for the next attempt of the arm."""
+        choice = outbid.decide(self, instance, during)
         if choice.action == "wait":
             waited = outbid.wait_for_resume(self, instance)
             if waited is not None:
@@ -478,7 +489,6 @@ class VastBackend:
 
     def lose_host(self, instance: PooledInstance, why: str) -> None:
         if instance.ledger_id in self._resumed_after_outbid:      # back after an outbid: kept for the next attempt
-            self._resumed_after_outbid.discard(instance.ledger_id)
             return
         self.exclude_machine(instance)
         self.retire(instance, why)
@@ -490,7 +500,9 @@ class VastBackend:
 
     def _release(self, instance: PooledInstance, attempt_id: int) -> None:
         idle = self.pool.release(instance, attempt_id)
-        if idle and not self.cfg.keep_instances:
+        resumed = instance.ledger_id in self._resumed_after_outbid     # kept for the arm's next attempt
+        self._resumed_after_outbid.discard(instance.ledger_id)
+        if idle and not self.cfg.keep_instances and not resumed:
             self.retire(instance, "arm finished (keep_instances is off)")
         elif idle and self.budget.exhausted():          # nothing more may run on it: stop paying for it now
             self.retire(instance, "the budget is spent")

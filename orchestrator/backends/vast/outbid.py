@@ -1,7 +1,9 @@
 """After an outbid (issue 13, point 1): an interruptible instance the bid market stopped (`stopped` while its
 `intended_status` stays `running`: its processes were killed, its disk kept) is either waited for, or given up
 for the best offer now, whichever `offers.after_outbid` expects to cost less. Each decision is an
-`instance.outbid` ledger event (shown by `armature cost --detail`).
+`instance.outbid` ledger event (provider.record_outbid; shown by `armature cost --detail`), with when the outbid
+came: `deploy` (before a trainer started on the instance) or `run`. An outbid while booting is not weighed: the
+next offer costs only its boot (provider.wait_ready records it as a move during `boot`).
 
 Either way the attempt on it ends preempted and the scheduler's next attempt continues from the last pulled
 checkpoint: on the resumed instance (kept in the pool, its deployed code still on its disk) after a wait, else
@@ -20,17 +22,12 @@ from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast import provider
 from orchestrator.backends.vast.idle import ArmActivity
 from orchestrator.backends.vast.offers import OutbidChoice
+from orchestrator.backends.vast.provider import OUTBID_EVENT, is_outbid  # noqa: F401 (this module's names too)
 from orchestrator.cost.model import dollars_per_hour
 
-OUTBID_EVENT = "instance.outbid"
 
-
-def is_outbid(info: dict | None) -> bool:
-    return bool(info) and info.get("actual_status") == "stopped" and info.get("intended_status") == "running"
-
-
-def decide(backend, instance: PooledInstance, now: float | None = None) -> OutbidChoice:
-    """Wait or move, on expected cost; recorded as an `instance.outbid` event."""
+def decide(backend, instance: PooledInstance, during: str, now: float | None = None) -> OutbidChoice:
+    """Wait or move, on expected cost; recorded as an `instance.outbid` event (`during`: deploy or run)."""
     now = time.time() if now is None else now
     cfg, row = backend.cfg, backend.ledger.instance(instance.ledger_id)
     own_rate = float(row["dph_total"])
@@ -49,10 +46,9 @@ def decide(backend, instance: PooledInstance, now: float | None = None) -> Outbi
         redo_hours=max([_hours_since_checkpoint(v, now) for v in views] or [0.0]),
         remaining_hours=max(remaining) if remaining else cfg.expected_hours_per_instance,
         expected_wait_hours=None if cfg.outbid_wait_minutes is None else cfg.outbid_wait_minutes / 60.0)
-    backend.ledger.event(backend.run_id, OUTBID_EVENT, instance_id=instance.ledger_id,
-                         provider_instance_id=instance.provider_id, action=choice.action,
-                         wait_dollars=choice.wait_dollars, move_dollars=choice.move_dollars,
-                         own_rate=own_rate, best_rate=best_rate)
+    provider.record_outbid(backend.ledger, backend.run_id, instance.ledger_id, instance.provider_id,
+                           action=choice.action, during=during, wait_dollars=choice.wait_dollars,
+                           move_dollars=choice.move_dollars, own_rate=own_rate, best_rate=best_rate)
     return choice
 
 

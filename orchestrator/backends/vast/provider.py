@@ -49,6 +49,7 @@ TERMINAL_STATUSES = ("exited", "offline", "unknown", "stopped", "frozen")
 GONE_STATUSES = ("exited", "destroyed")          # after a successful DELETE
 RETRYABLE_HTTP = (429, 500, 502, 503, 504)
 OCI_FAILURE = "OCI runtime create failed"
+OUTBID_EVENT = "instance.outbid"                 # what was done about an outbid instance (outbid.py, wait_ready)
 
 
 class ProviderError(Exception):
@@ -380,7 +381,8 @@ def wait_ready(client, ledger: Ledger, cfg: VastConfig, instance_id: int, key: K
     """Wait until the instance runs and answers SSH; returns (host, port, pinned host key).
 
     Pending: null, created, loading. Terminal: exited, offline, unknown (and stopped, frozen),
-    or "OCI runtime create failed" in status_msg. SSH is probed directly, not inferred from a
+    or "OCI runtime create failed" in status_msg; an outbid (stopped, still intended to run) too, recorded as
+    an `instance.outbid` event (move, during boot). SSH is probed directly, not inferred from a
     status: the key can land after the instance says running. Raises LaunchFailed at a terminal
     status or past `deadline` (time.monotonic(); default cfg.ready_deadline_seconds from now),
     LaunchCancelled when `stop` is set.
@@ -406,6 +408,10 @@ def wait_ready(client, ledger: Ledger, cfg: VastConfig, instance_id: int, key: K
             last = f"status {status}" + (f" ({message[:160]})" if message else "")
         if OCI_FAILURE in message:
             raise LaunchFailed(f"instance {provider_id} cannot start its container: {message[:200]}")
+        if is_outbid(info):         # nothing has run on it yet: the next offer costs only its boot
+            record_outbid(ledger, row["run_id"], instance_id, provider_id, action="move", during="boot",
+                          own_rate=row["dph_total"])
+            raise LaunchFailed(f"instance {provider_id} was outbid while booting: {message[:200]}")
         if status in TERMINAL_STATUSES:
             raise LaunchFailed(f"instance {provider_id} went {status} while booting: {message[:200]}")
         if status == "running":
@@ -420,6 +426,21 @@ def wait_ready(client, ledger: Ledger, cfg: VastConfig, instance_id: int, key: K
         if time.monotonic() > deadline:
             raise LaunchFailed(f"instance {provider_id} not ready after {deadline - started:.0f}s ({last})")
         stop.wait(cfg.status_poll_seconds)
+
+
+def is_outbid(info: dict | None) -> bool:
+    """Stopped by the bid market (an interruptible instance): processes killed, disk kept, may run again."""
+    return bool(info) and info.get("actual_status") == "stopped" and info.get("intended_status") == "running"
+
+
+def record_outbid(ledger: Ledger, run_id: str | None, instance_id: int, provider_instance_id: str | None, *,
+                  action: str, during: str, own_rate: float | None, best_rate: float | None = None,
+                  wait_dollars: float | None = None, move_dollars: float | None = None) -> None:
+    """The `instance.outbid` event: `action` wait|move, `during` boot|deploy|run, the expected dollars of each
+    action (None: not weighed) and the $/h of the instance and of the best offer at the time."""
+    ledger.event(run_id, OUTBID_EVENT, instance_id=instance_id, provider_instance_id=provider_instance_id,
+                 action=action, during=during, wait_dollars=wait_dollars, move_dollars=move_dollars,
+                 own_rate=own_rate, best_rate=best_rate)
 
 
 def _probe_ssh(host: str, port: int, key: KeyPair, cfg: VastConfig) -> str:
