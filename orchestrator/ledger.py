@@ -165,7 +165,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     pid INTEGER,
     pid_start_time TEXT,               -- /proc start time, to tell a live trainer from a reused pid
     instance_id INTEGER REFERENCES instances(id),
-    start_step INTEGER,
+    start_step INTEGER,                -- the first step it logged (after a resume: past the checkpoint's)
     end_step INTEGER,
     exit_code INTEGER,
     reason TEXT,
@@ -559,6 +559,18 @@ class Ledger:
         with self.write() as db:
             db.execute("UPDATE arm_runs SET summary_json=?, updated_at=? WHERE id=?",
                        (json.dumps(summary), time.time(), arm_run_id))
+
+    def metric_times(self, arm_run_id: int, steps: list[int]) -> dict[int, float | None]:
+        """step -> the `time` of its recorded row, for those of `steps` an arm run has recorded."""
+        found: dict[int, float | None] = {}
+        wanted = sorted({int(s) for s in steps})
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            for row in self.query(f"SELECT step, data_json FROM metrics"
+                                  f" WHERE arm_run_id=? AND step IN ({', '.join('?' for _ in chunk)})",
+                                  (arm_run_id, *chunk)):
+                found[row["step"]] = json.loads(row["data_json"]).get("time")   # Python's exact float parse
+        return found
 
     def metric_rows(self, arm_run_id: int) -> list[dict]:
         return [json.loads(r["data_json"]) for r in

@@ -19,7 +19,9 @@ Stopping an attempt early always goes through its `stop` event with a reason:
   early_stop an early-stop rule fired: the arm run ends cancelled, with the rule as reason. A bound rule stops
              one arm run; `decided` and `halving` (orchestrator/early_stop.py) stop every run of an arm, at a look
              taken in the main loop, and a resumed run cancels the pending runs of arms stopped before
-None of these uses up `max_attempts`: only attempts that end failed, lost or preempted do. The watchdog's
+None of these uses up `max_attempts`: only attempts that end failed, lost or preempted do, and a preempted one
+only until a later attempt of its arm run starts from a later step (`counted_failures`): an arm on interruptible
+instances, outbid again and again, goes on while each attempt's work survives in a checkpoint. The watchdog's
 cool-down waits on the GPUs of the host the stopped attempt ran on, as the ledger last recorded them.
 """
 
@@ -50,6 +52,21 @@ FAILED_ATTEMPT_STATES = ("failed", "lost", "preempted")     # the attempt ends t
 HEALTH_FRESH_SECONDS = 30.0            # a host's GPU samples older than this no longer hold back a cool-down
 
 
+def counted_failures(attempts: list[dict]) -> int:
+    """How many of an arm run's ended attempts (in order) use up max_attempts: every failed or lost one, and every
+    preempted one except those a later attempt continued past, logging its first step later than it did (the
+    preemption cost time, not progress: its work survived in a checkpoint)."""
+    counted = 0
+    for i, attempt in enumerate(attempts):
+        if attempt["state"] not in FAILED_ATTEMPT_STATES:
+            continue
+        if attempt["state"] == "preempted":
+            started = attempt["start_step"] or 0
+            if any((later["start_step"] or 0) > started for later in attempts[i + 1:]):
+                continue
+        counted += 1
+    return counted
+
 @dataclass
 class Running:
     arm_run: dict
@@ -60,6 +77,7 @@ class Running:
     gpu_index: str | None = None
     host: str | None = None
     energy_start: float | None = None
+    first_step: int | None = None         # the first step it logged
 
     def request_stop(self, reason: str, detail: str | None = None) -> None:
         if self.stop_reason is None:
@@ -255,10 +273,23 @@ class Scheduler:
 
     # ---- events from attempts ------------------------------------------------------
 
+    def _first_new_step(self, arm_run_id: int, rows: list[dict]) -> int | None:
+        """The first of these rows an earlier attempt did not log: a resumed trainer's metrics file starts with the
+        rows up to its checkpoint, re-read as they were (same step, same time)."""
+        logged = self.ledger.metric_times(arm_run_id, [row["step"] for row in rows if "step" in row])
+        for row in rows:
+            if "step" in row and (int(row["step"]) not in logged or logged[int(row["step"])] != row.get("time")):
+                return int(row["step"])
+        return None
+
     def _on_event(self, running: Running, event: dict) -> None:
         arm_run_id = running.arm_run["id"]
         kind = event["kind"]
         if kind == "metrics":
+            if running.first_step is None:      # the attempt's start_step: where it continued (counted_failures)
+                running.first_step = self._first_new_step(arm_run_id, event["rows"])
+                if running.first_step is not None:
+                    self.ledger.update_attempt(running.attempt_id, start_step=running.first_step)
             self.ledger.record_metrics(arm_run_id, running.attempt_id, event["rows"])
             self.tensorboard.metrics(running.arm_run, event["rows"])
             self._show(arm_run_id, rows=event["rows"])
@@ -387,7 +418,7 @@ class Scheduler:
         # this attempt failed; max_attempts counts failures only, not pauses, interrupts, watchdog stops or
         # attempts closed because the orchestrator died
         earlier = [a for a in self.ledger.attempts(arm_run_id) if a["id"] != running.attempt_id]
-        failures = 1 + sum(a["state"] in FAILED_ATTEMPT_STATES for a in earlier)
+        failures = 1 + counted_failures(earlier)
         if failures >= self.study.max_attempts:
             return "failed", f"{failures} failed attempts (max_attempts {self.study.max_attempts}); " \
                              f"last: {outcome}: {result.reason}"

@@ -174,7 +174,9 @@ class Study(BaseModel):
         default_factory=EarlyStopping,
         description="a list of bound rules, or {decided, looks, after_step, boundary, halving, rules}")
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
-    max_attempts: int = Field(4, ge=1, description="attempts per arm run when instances are preempted or lost")
+    max_attempts: int = Field(4, ge=1, description="attempts per arm run that may fail or lose their machine; a "
+                              "preemption counts only when the next attempt did not continue past it (nothing was "
+                              "checkpointed)")
     vast: dict[str, Any] = Field(default_factory=dict,
                                  description="offer query and instance settings for backend vast "
                                              "(orchestrator/backends/vast/config.py)")

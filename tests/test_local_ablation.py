@@ -105,6 +105,7 @@ def test_ctrl_c_then_resume_continues_the_same_curve(tmp_path):
     for arm_run in arm_runs:
         first, second = db.attempts(arm_run["id"])
         assert second["state"] == "succeeded" and second["started_at"] >= first["ended_at"]
+        assert first["start_step"] is not None and second["start_step"] > first["start_step"]   # where each began
         log = (home / "cc" / arm_run["arm"] / "seed0" / "log").read_text()
         assert "resum" in log.lower(), "the second attempt must start from the checkpoint"
     assert armature(home, "resume", "cc").returncode == 2        # finished: nothing to resume
