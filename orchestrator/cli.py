@@ -231,10 +231,17 @@ def cmd_ablation(args) -> int:
     return _exit_past_a_dead_ray(backend, _conclude(ledger, run_id, run_dir, state, backend, console))
 
 
-def cmd_resume(args) -> int:
-    from orchestrator.runs import settle_orphans
+def _run_study(run_dir: Path):
+    """The study a run was started with (runs/<id>/spec.yaml, as resolved then)."""
     from orchestrator.spec import Study
     import yaml
+
+    spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    return Study.model_validate({k: v for k, v in spec.items() if k not in ("source", "git")})
+
+
+def cmd_resume(args) -> int:
+    from orchestrator.runs import settle_orphans
 
     ledger = Ledger(paths.ledger_path(), create=False)
     run = ledger.get_run(args.run_id)
@@ -244,8 +251,7 @@ def cmd_resume(args) -> int:
     try:
         code_event = _code_change_event(run, args.allow_code_change)
         run_dir = paths.run_dir(args.run_id)
-        spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
-        study = Study.model_validate({k: v for k, v in spec.items() if k not in ("source", "git")})
+        study = _run_study(run_dir)
         adopt = settle_orphans(ledger, args.run_id)
         backend = _make_backend(run["backend"], study, ledger, args.run_id, run_dir, args)
         backend.start()
@@ -522,6 +528,8 @@ def cmd_cancel(args) -> int:
     ledger.set_run_state(args.run_id, "cancelled")
     if capabilities(run["backend"]).rents_instances:
         _teardown_instances(ledger, args.run_id, args.server_url)
+    elif not capabilities(run["backend"]).runs_here:
+        _clean_own_hosts(ledger, args.run_id)
     print(f"run {args.run_id}: cancelled")
     return 0
 
@@ -545,6 +553,23 @@ def _wait_or_claim(ledger: Ledger, run_id: str) -> bool:
             return True
         except (RunClaimed, IllegalTransition):
             continue                # a resume took it meanwhile (it sees the request), or the run just ended
+
+
+def _clean_own_hosts(ledger: Ledger, run_id: str) -> None:
+    """A cancelled run on machines of your own whose orchestrator died: stop its processes on every host and remove
+    its scratch folders now, rather than when their dead-man switch fires."""
+    from orchestrator.backends.ssh.config import SshConfig
+    from orchestrator.backends.ssh.provider import clean_hosts
+
+    try:
+        cfg = SshConfig.model_validate(_run_study(paths.run_dir(run_id)).ssh)
+    except (OSError, ValueError) as exc:
+        print(f"cannot read the hosts of run {run_id} ({exc}); each host's dead-man switch stops armature there")
+        return
+    for host, problem in clean_hosts(ledger, run_id, cfg):
+        print(f"host {host}: " + (f"armature stopped and its scratch folder removed" if problem is None else
+                                  f"NOT cleaned ({problem}); its dead-man switch does so after "
+                                  f"{cfg.orchestrator_silence_seconds:.0f}s without contact"))
 
 
 def _teardown_instances(ledger: Ledger, run_id: str, server_url: str | None) -> None:

@@ -253,3 +253,38 @@ ssh: {section}
     for host in hosts:
         assert host.armature_processes() == [], f"armature still runs on host {host.name}"
         assert not host.scratch.exists(), f"scratch folder left on host {host.name}"
+
+
+def test_cancel_after_the_orchestrator_died_stops_armature_on_the_hosts_at_once(tmp_path, hosts, client_key):
+    """`armature cancel` of a run whose orchestrator was killed -9: the hosts' supervisors and trainers are stopped
+    and the scratch folders removed now, not when the dead-man switch fires (300 s here)."""
+    a = hosts[0]
+    home = tmp_path / "home"
+    path = tiny_spec(tmp_path, f"""name: gone
+trainer: vqvae
+metric: {{name: recon_mse, mode: min}}
+base: {{steps: 100000, eval_every: 100000, checkpoint_every: 50, log_every: 10, batch_size: 16,
+        data.num_train: 128, data.num_heldout: 32}}
+arms:
+  - name: base
+resources: {{gpus: 0}}
+ssh: {json.dumps(fast_section([a], client_key))}
+""")
+    extra = ["--allow-dirty"] if ALLOW_DIRTY else []
+    proc = start_armature(home, "ablation", str(path), "--backend", "ssh", "--run-id", "gone", "--metrics-port",
+                          "-1", *extra, log=tmp_path / "log")
+    try:
+        wait_for(lambda: any("trainers.vqvae" in line for line in a.armature_processes()), 120,
+                 "the trainer on host a")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert a.armature_processes(), "the orchestrator's death leaves the host's supervisor and trainer running"
+
+    result = armature(home, "cancel", "gone", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "host a: armature stopped and its scratch folder removed" in result.stdout, result.stdout
+    assert a.armature_processes() == [] and not a.scratch.exists()
+    db = ledger(home)
+    assert db.get_run("gone")["state"] == "cancelled"
+    assert [t["state"] for r in db.arm_runs("gone") for t in db.attempts(r["id"])] == ["cancelled"]

@@ -118,14 +118,12 @@ class SshBackend:
         for host in self.cfg.hosts:
             if host.name in self.refused:
                 continue
-            try:
-                self.provider.terminate(host.name)
-                self.ledger.event(self.run_id, "ssh.cleaned", host=host.name)
-            except (SshError, OSError) as exc:
+            problem = self.provider.clean(host.name)
+            if problem is not None:
                 log.warning("host %s: could not stop armature and remove its scratch folder (%s); its dead-man "
-                            "switch does so after %.0fs without contact", host.name, exc,
+                            "switch does so after %.0fs without contact", host.name, problem,
                             self.cfg.orchestrator_silence_seconds)
-                self.ledger.event(self.run_id, "ssh.clean_failed", host=host.name, detail=str(exc)[:500])
+                self.ledger.event(self.run_id, "ssh.clean_failed", host=host.name, detail=problem[:500])
         shutil.rmtree(self.deploy_dir, ignore_errors=True)
         atexit.unregister(self.shutdown)
 

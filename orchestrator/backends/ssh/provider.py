@@ -189,6 +189,17 @@ class SshHosts:
 
     # ---- cleaning a host ----
 
+    def clean(self, name: str) -> str | None:
+        """terminate(), for a caller that goes on: None once the host confirmed it, else why not."""
+        try:
+            self.terminate(name)
+        except HostKeyChanged as exc:
+            return f"{exc}; nothing was run on it"
+        except (SshError, OSError, UserError) as exc:
+            return str(exc)
+        self.ledger.event(self.run_id, "ssh.cleaned", host=name)
+        return None
+
     def _cleanup(self, conn: Connection, paths: InstancePaths) -> None:
         """Stop every armature process of this run on the host and remove its scratch folder (and the parent
         folder when that is left empty); confirmed by the host, else SshError."""
@@ -201,3 +212,9 @@ class SshHosts:
         if result.exit_code != 0:
             raise SshError(f"could not clean {paths.base} on {conn.host}:{conn.port}: {result.tail(5)}")
 
+
+def clean_hosts(ledger: Ledger, run_id: str, cfg: SshConfig) -> list[tuple[str, str | None]]:
+    """Stop a run's armature processes on each of its hosts and remove their scratch folders: (host, None when
+    done, else why not)."""
+    hosts = SshHosts(ledger, run_id, cfg, Path.cwd())   # the repository is only needed to install, not to clean
+    return [(host.name, hosts.clean(host.name)) for host in cfg.hosts]
