@@ -558,12 +558,14 @@ def _wait_or_claim(ledger: Ledger, run_id: str) -> bool:
 def _clean_own_hosts(ledger: Ledger, run_id: str) -> None:
     """A cancelled run on machines of your own whose orchestrator died: stop its processes on every host and remove
     its scratch folders now, rather than when their dead-man switch fires."""
+    import yaml
+
     from orchestrator.backends.ssh.config import SshConfig
     from orchestrator.backends.ssh.provider import clean_hosts
 
     try:
         cfg = SshConfig.model_validate(_run_study(paths.run_dir(run_id)).ssh)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         print(f"cannot read the hosts of run {run_id} ({exc}); each host's dead-man switch stops armature there")
         return
     for host, problem in clean_hosts(ledger, run_id, cfg):

@@ -67,6 +67,7 @@ def counted_failures(attempts: list[dict]) -> int:
         counted += 1
     return counted
 
+
 @dataclass
 class Running:
     arm_run: dict
@@ -287,8 +288,10 @@ class Scheduler:
         kind = event["kind"]
         if kind == "metrics":
             if running.first_step is None:      # the attempt's start_step: where it continued (counted_failures)
-                running.first_step = self._first_new_step(arm_run_id, event["rows"])
-                if running.first_step is not None:
+                recorded = self._attempt_row(arm_run_id, running.attempt_id)["start_step"]   # adopted: known
+                running.first_step = recorded if recorded is not None else self._first_new_step(arm_run_id,
+                                                                                               event["rows"])
+                if recorded is None and running.first_step is not None:
                     self.ledger.update_attempt(running.attempt_id, start_step=running.first_step)
             self.ledger.record_metrics(arm_run_id, running.attempt_id, event["rows"])
             self.tensorboard.metrics(running.arm_run, event["rows"])

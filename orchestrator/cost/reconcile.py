@@ -169,12 +169,12 @@ def observe_instance(ledger: Ledger, instance_id: int, info: dict | None, now: f
 
 
 def _record_provider_start(ledger: Ledger, instance_id: int, start_date) -> None:
-    """The provider's start of the rental, once: a number of epoch seconds no earlier than an hour before our create
-    request (anything else, e.g. another clock's garbage, is ignored and storage is dated from the request)."""
+    """The provider's start of the rental, once: a number of epoch seconds within an hour of our create request
+    (anything else, e.g. a clock far off, is ignored and storage is dated from the request)."""
     if isinstance(start_date, bool) or not isinstance(start_date, (int, float)):
         return
     row = ledger.instance(instance_id)
-    if row is None or row["provider_started_at"] is not None or start_date < row["created_at"] - 3600:
+    if row is None or row["provider_started_at"] is not None or abs(start_date - row["created_at"]) > 3600:
         return
     ledger.update_instance(instance_id, provider_started_at=float(start_date))
 
@@ -226,9 +226,9 @@ def expected_bill(instance: dict, changes: list[tuple[float, str]], now: float,
         return None
     end, still_running = instance_end(instance, now)
     gpu_seconds = sum(stop - start for start, stop in running_periods(instance, changes, end))
-    # storage ends with the accepted destroy request (its `destroyed` status move), not our later confirmation
-    accepted = [at for at, status in changes if status == "destroyed"]
-    storage_end = end if still_running or not accepted else min(end, accepted[-1])
+    # storage ends with the accepted destroy request (the last status move, `destroyed`), not our later confirmation
+    accepted = not still_running and changes and changes[-1][1] == "destroyed"
+    storage_end = min(end, changes[-1][0]) if accepted else end
     storage_seconds = max(0.0, storage_end - storage_start(instance))
     disk_gb = instance["disk_gb"] if instance["disk_gb"] is not None else (breakdown or {}).get("disk_gb")
     storage_cost = (instance["storage_cost"] if instance["storage_cost"] is not None
