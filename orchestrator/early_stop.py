@@ -47,11 +47,12 @@ from dataclasses import dataclass, field
 
 from scipy import stats
 
+from orchestrator.cost import decisions
 from orchestrator.ledger import FINAL_STATES, Ledger
 from orchestrator.report.verdicts import ALPHA, compare_to_baseline
 
 BOUNDARIES = ("bonferroni", "obrien-fleming")
-STOP_EVENT = "early_stop.stop"
+STOP_EVENT = decisions.STOPPED_EARLY
 
 
 def look_alphas(fractions: list[float], alpha: float = ALPHA, boundary: str = "bonferroni") -> list[float]:

@@ -62,21 +62,3 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
 def metric_steps(out_dir: Path) -> list[int]:
     import json
     return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, their children, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found

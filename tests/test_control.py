@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.vastsim.instances import descendants
 from orchestrator.ledger import (ARM_STATES, FINAL_STATES, IllegalTransition, Ledger, RunClaimed,
                                  orchestrator_alive)
 from orchestrator.procs import process_start_time
@@ -248,23 +249,6 @@ resources: {{gpus: 0, cpus: 1}}
 # ---- a local Ray reachable from this machine only --------------------------------------------------------
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        found.add(pid)
-        todo += children.get(pid, [])
-    return found
-
-
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     try:
@@ -307,7 +291,7 @@ def test_the_local_backends_own_ray_listens_on_loopback_only():
         assert backend._started_ray
         listening = _listening()
         ours = {}
-        for pid in _descendants(os.getpid()):
+        for pid in [os.getpid(), *descendants(os.getpid())]:
             for inode in _socket_inodes(pid) & set(listening):
                 ours[(pid, Path(f"/proc/{pid}/comm").read_text().strip())] = listening[inode]
     finally:

@@ -9,7 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-from tests.armature_helpers import (TINY_VQVAE_BASE, armature, descendants, ledger, start_armature, tiny_spec,
+from infra.vastsim.instances import descendants
+from tests.armature_helpers import (TINY_VQVAE_BASE, armature, ledger, start_armature, tiny_spec,
                                     wait_for)
 
 STEPS = 400

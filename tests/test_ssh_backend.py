@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.vastsim.instances import find_marked_pids, find_sshd, free_port, kill_marked_processes
+from infra.vastsim.instances import descendants, find_marked_pids, find_sshd, free_port, kill_marked_processes
 from orchestrator.backends.remote.deploy import detached
 from orchestrator.backends.remote.ssh import SshError
 from orchestrator.backends.ssh.config import SshConfig
@@ -25,7 +25,7 @@ from orchestrator.errors import SpecError
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
 from orchestrator.spec import load_plan
-from tests.armature_helpers import armature, descendants, ledger, metric_steps, start_armature, tiny_spec, wait_for
+from tests.armature_helpers import armature, ledger, metric_steps, start_armature, tiny_spec, wait_for
 from tests.test_vast_backend import ALLOW_DIRTY
 
 pytestmark = pytest.mark.skipif(find_sshd() is None or os.geteuid() != 0,

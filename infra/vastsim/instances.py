@@ -109,20 +109,24 @@ def kill_marked_processes(markers: dict[str, str], rounds: int = 50) -> int:
     return killed
 
 
-def child_pids(parent: int) -> list[int]:
-    """Pids of the direct children of ``parent`` (sshd's retitled processes hide the markers of their environment)."""
-    children = []
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc (sshd's retitled session processes
+    hide the markers of their environment, so they are found by parentage)."""
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:     # "pid (comm) state ppid ..."
-            children.append(int(entry.name))
-    return children
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])     # "pid (comm) state ppid ..."
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _sshd_config_value(value: str) -> str:
@@ -378,7 +382,7 @@ class InstanceHost:
     def kill_all(self) -> int:
         """SIGKILL sshd, its open sessions (the container stops: connections drop) and every process of the
         instance."""
-        sessions = child_pids(self.sshd.pid) if self.sshd_running else []
+        sessions = descendants(self.sshd.pid) if self.sshd_running else []
         self.stop_sshd()
         for pid in sessions:
             try:

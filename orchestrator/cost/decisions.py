@@ -3,8 +3,8 @@ an outbid waited out or moved away from (with the expected dollars of each), an 
 outbid, an instance stopped for idle GPUs (with the dollars they wasted), an offer's machine excluded after a
 failed launch, and an arm stopped early because its verdict was decided.
 
-The event kinds are the emitters' own (backends.vast.outbid, .idle, .offers and early_stop); this module only
-reads them, so a ledger written by an older version simply shows fewer decisions.
+The event kinds are defined here, and the emitters (backends.vast.provider, .backend, .idle, .offers and
+early_stop) write them under these names; a ledger written by an older version simply shows fewer decisions.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 from orchestrator.ledger import Ledger
 
-OUTBID = "instance.outbid"                      # backends.vast.outbid.OUTBID_EVENT
-RESUMED = "instance.resumed_after_outbid"       # backends.vast.backend, after a wait that worked
-IDLE_STOPPED = "instance.idle_stopped"          # backends.vast.idle.IDLE_EVENT
-EXCLUDED = "offer.excluded"                     # backends.vast.offers.EXCLUDED_EVENT
-STOPPED_EARLY = "early_stop.stop"               # early_stop.STOP_EVENT
+OUTBID = "instance.outbid"                      # wait or move after an outbid (backends.vast.provider.record_outbid)
+RESUMED = "instance.resumed_after_outbid"       # a wait that worked (backends.vast.backend)
+IDLE_STOPPED = "instance.idle_stopped"          # backends.vast.idle.record_idle_waste
+EXCLUDED = "offer.excluded"                     # backends.vast.offers.RankedOffers.failed
+STOPPED_EARLY = "early_stop.stop"               # early_stop.EarlyStopper
 KINDS = (OUTBID, RESUMED, IDLE_STOPPED, EXCLUDED, STOPPED_EARLY)
 _DURING = {"boot": "while booting", "deploy": "while deploying", "run": "while the arm ran"}
 

@@ -150,10 +150,10 @@ def observe_instance(ledger: Ledger, instance_id: int, info: dict | None, now: f
     exited or went offline, or is gone (None). Backends call this with every row they poll. Returns the
     status recorded, or None when nothing changed."""
     now = time.time() if now is None else now
-    if info is not None:
-        _record_provider_start(ledger, instance_id, info.get("start_date"))
     status = "destroyed" if info is None else info.get("actual_status")
     changes = status_changes(ledger, instance_id)
+    if info is not None and not changes:    # until its first status move (booting): the start does not change
+        _record_provider_start(ledger, instance_id, info.get("start_date"))
     last = changes[-1][1] if changes else None
     if status not in ("running", *_GPU_STOPS) or status == last:
         return None

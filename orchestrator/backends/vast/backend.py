@@ -29,6 +29,7 @@ from orchestrator.backends.provision import LaunchRequest
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast import outbid, provider
 from orchestrator.backends.vast.idle import ArmActivity, IdleWatch, record_idle_waste
+from orchestrator.cost import decisions
 from orchestrator.cost.reconcile import observe_instance
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.remote.deploy import (CodeBundle, DeployError, deploy_code, deploy_record,
@@ -472,7 +473,7 @@ class VastBackend:
             waited = outbid.wait_for_resume(self, instance)
             if waited is not None:
                 self._resumed_after_outbid.add(instance.ledger_id)
-                self.ledger.event(self.run_id, "instance.resumed_after_outbid", instance_id=instance.ledger_id,
+                self.ledger.event(self.run_id, decisions.RESUMED, instance_id=instance.ledger_id,
                                   waited_seconds=round(waited, 1))
                 return (f"instance {instance.provider_id} was outbid and resumed after {waited:.0f}s: the arm "
                         f"continues on it from its last pulled checkpoint")

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.backends.vast.config import VastConfig
+from orchestrator.cost import decisions
 
-IDLE_EVENT = "instance.idle_stopped"
+IDLE_EVENT = decisions.IDLE_STOPPED
 
 
 @dataclass

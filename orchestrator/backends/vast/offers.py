@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from orchestrator.backends.vast.config import VastConfig
+from orchestrator.cost import decisions
 
-EXCLUDED_EVENT = "offer.excluded"
+EXCLUDED_EVENT = decisions.EXCLUDED
 
 
 def _number(value: float) -> str:

@@ -36,6 +36,7 @@ from orchestrator.backends.provision import CAPABILITIES, Host, HostState, Launc
 from orchestrator.backends.vast import offers as offer_rules
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.remote.ssh import HostKeyChanged, KeyPair, Remote
+from orchestrator.cost import decisions
 from orchestrator.cost.reconcile import observe_instance
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
@@ -49,7 +50,7 @@ TERMINAL_STATUSES = ("exited", "offline", "unknown", "stopped", "frozen")
 GONE_STATUSES = ("exited", "destroyed")          # after a successful DELETE
 RETRYABLE_HTTP = (429, 500, 502, 503, 504)
 OCI_FAILURE = "OCI runtime create failed"
-OUTBID_EVENT = "instance.outbid"                 # what was done about an outbid instance (outbid.py, wait_ready)
+OUTBID_EVENT = decisions.OUTBID                  # what was done about an outbid instance (outbid.py, wait_ready)
 
 
 class ProviderError(Exception):
