@@ -32,6 +32,7 @@ from orchestrator.backends.remote.ssh import Connection, HostKeyChanged, SshErro
 from orchestrator.backends.ssh.config import SshConfig, SshHost
 from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
+from orchestrator.paths import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
@@ -216,5 +217,5 @@ class SshHosts:
 def clean_hosts(ledger: Ledger, run_id: str, cfg: SshConfig) -> list[tuple[str, str | None]]:
     """Stop a run's armature processes on each of its hosts and remove their scratch folders: (host, None when
     done, else why not)."""
-    hosts = SshHosts(ledger, run_id, cfg, Path.cwd())   # the repository is only needed to install, not to clean
+    hosts = SshHosts(ledger, run_id, cfg, REPO_ROOT)
     return [(host.name, hosts.clean(host.name)) for host in cfg.hosts]
