@@ -91,6 +91,9 @@ def test_outbid_stops_keeps_the_disk_and_resumes(sim):
 
     vast.change_bid(contract, price=0.25)                        # outbid the other renter back
     wait_status(vast, contract, "running")
+    deadline = time.monotonic() + 10                             # `running` comes first, then onstart runs
+    while (home / "starts.txt").read_text().count("started") < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert (home / "starts.txt").read_text().count("started") == 2   # onstart ran again
     assert (home / "checkpoint.pt").read_text() == "step 40"
 

@@ -12,10 +12,13 @@ import sys
 from infra.vastsim.instances import FAKE_NVIDIA_SMI
 from tests.armature_helpers import TINY_VQVAE_BASE, ledger, metric_steps, start_armature, tiny_spec, wait_for
 
+# batch 64: each step slow enough that a stop asked for after step 30 lands well before step 300 on a loaded machine
+BASE = (TINY_VQVAE_BASE.replace("steps: 20,", "steps: 300,").replace("eval_every: 10", "eval_every: 100")
+        .replace("batch_size: 16", "batch_size: 64"))
 SPEC = f"""name: wd
 trainer: vqvae
 metric: {{name: recon_mse, mode: min}}
-base: {TINY_VQVAE_BASE.replace("steps: 20,", "steps: 300,").replace("eval_every: 10", "eval_every: 100")}
+base: {BASE}
 seeds: 1
 resources: {{gpus: 0}}
 watchdog: {{poll_seconds: 0.5, cooldown_seconds: 1, gpu_temp_celsius: 83, max_restarts: 3}}

@@ -93,8 +93,9 @@ def find_marked_pids(markers: dict[str, str]) -> list[int]:
 
 
 def kill_marked_processes(markers: dict[str, str], rounds: int = 50) -> int:
-    """SIGKILL every marked process, again until none is left (they may fork meanwhile)."""
-    killed = 0
+    """SIGKILL every marked process, again until none is left (they may fork meanwhile), and wait until each has
+    died: a process already past reading its environment may still be exiting."""
+    killed: set[int] = set()
     for _ in range(rounds):
         pids = find_marked_pids(markers)
         if not pids:
@@ -102,11 +103,26 @@ def kill_marked_processes(markers: dict[str, str], rounds: int = 50) -> int:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-                killed += 1
+                killed.add(pid)
             except ProcessLookupError:
                 pass
         time.sleep(0.02)
-    return killed
+    wait_dead(killed)
+    return len(killed)
+
+
+def wait_dead(pids, timeout: float = 10.0) -> None:
+    """Wait (at most `timeout`) until none of `pids` runs: gone, or a zombie waiting for its parent."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    if handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        break
+            except OSError:
+                break
+            time.sleep(0.01)
 
 
 def descendants(pid: int) -> list[int]:
@@ -389,6 +405,7 @@ class InstanceHost:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        wait_dead(sessions)
         killed = kill_marked_processes(self.markers) + len(sessions)
         if self.onstart is not None:
             if self.onstart.poll() is None:
