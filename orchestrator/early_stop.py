@@ -9,8 +9,9 @@ Decided (`decided: true`): an arm shown *worse* than the baseline at an interim 
   of the baseline has logged that step (or ended): arms do not wait for each other, so an arm that runs early on
   few slots is judged early.
 - At a look the study's own statistics decide (report/verdicts.py `compare_to_baseline`): the arm against the
-  baseline on the paired seeds' values *at that step*, a two-sided paired t-test; `worse` when p is below the
-  look's alpha and the arm is on the wrong side.
+  baseline on the paired seeds' values *at that step*, the same paired t-test read one-sided (`worse_than_baseline`):
+  a stop claims only "worse", so its p-value is that of the worse side, and `worse` is when it is below the look's
+  alpha. (A two-sided test would spend half of each look's alpha on "better", which never stops anything.)
 - The correction is alpha spending with a union bound (`look_alphas`, `look_alpha`): look k gets alpha_k, the
   alpha_k add up to at most the study's alpha, and each arm is tested at alpha_k / m, m the arms compared with the
   baseline (Bonferroni over arms: they are looked at one by one as they arrive, so Holm, which ranks all arms
@@ -20,7 +21,8 @@ Decided (`decided: true`): an arm shown *worse* than the baseline at an interim 
   union bound is used rather than the classical group-sequential boundaries because the looks here are the same
   seeds at later steps, not more samples: their correlation is unknown, and the union bound holds under any.
   So when every arm's interim values are distributed like the baseline's, the chance that any arm is stopped at
-  any look is at most alpha (at most alpha/2 in fact: only the `worse` side stops).
+  any look is at most alpha. The final verdicts' two-sided Holm test keeps a false "worse" at alpha/2 per side; a
+  stop's one-sided claim is held to the whole alpha, the study's stated error rate for the one claim a stop makes.
 - What is claimed is "worse at step N", not at the end: an arm that learns slowly but ends better can be stopped.
   Stopped arms are left out of the final verdicts (and of their Holm family) and reported apart.
 
@@ -136,10 +138,20 @@ def rung_keeps(value: float | None, earlier: list[float | None], mode: str,
 
 def worse_than_baseline(values: dict[str, dict[int, float]], arm: str, baseline: str, mode: str,
                         alpha: float):
-    """One arm at one interim look, with the study's statistics: its Verdict against the baseline at `alpha`
-    (the paired t-test of compare_to_baseline; with one arm Holm changes nothing)."""
-    return compare_to_baseline({baseline: values.get(baseline, {}), arm: values.get(arm, {})}, baseline, mode,
-                               alpha=alpha)[arm]
+    """One arm at one interim look, with the study's statistics: its Verdict against the baseline (the paired
+    t-test of compare_to_baseline; with one arm Holm changes nothing), read one-sided for the claim a stop makes.
+    `p_value` and `p_adjusted` are the one-sided p of "worse than the baseline" (half the two-sided p on the worse
+    side, one minus that on the better side); `verdict` is "worse" when it is below `alpha`, else "inconclusive"."""
+    verdict = compare_to_baseline({baseline: values.get(baseline, {}), arm: values.get(arm, {})}, baseline, mode,
+                                  alpha=alpha)[arm]
+    if verdict.p_value is None:
+        verdict.verdict = "inconclusive"
+        return verdict
+    worse_side = verdict.diff_mean != 0 and (verdict.diff_mean > 0) == (mode == "min")
+    one_sided = verdict.p_value / 2 if worse_side else 1 - verdict.p_value / 2
+    verdict.p_value = verdict.p_adjusted = one_sided
+    verdict.verdict = "worse" if one_sided < alpha else "inconclusive"
+    return verdict
 
 
 @dataclass
@@ -251,12 +263,12 @@ class EarlyStopper:
         verdict = worse_than_baseline(self._values_at(arm_runs, step), arm, self.baseline, self.mode, alpha)
         self.ledger.event(self.run_id, "early_stop.look", arm=arm, step=step, look=index + 1, of=len(self.looks),
                           alpha=alpha, boundary=self.boundary, n=verdict.n, diff_mean=verdict.diff_mean,
-                          p_value=verdict.p_value, verdict=verdict.verdict)
+                          p_one_sided=verdict.p_value, verdict=verdict.verdict)
         if verdict.verdict != "worse":
             return None
         why = (f"{self.metric} at step {step}: mean difference {verdict.diff_mean:+.4g} from {self.baseline} on "
-               f"{verdict.n} paired seeds, paired t-test p {verdict.p_value:.3g} < {alpha:.3g}: the alpha of look "
-               f"{index + 1} of {len(self.looks)} ({self.boundary} over the planned looks at steps "
+               f"{verdict.n} paired seeds, paired t-test p {verdict.p_value:.3g} (one-sided, worse) < {alpha:.3g}: "
+               f"the alpha of look {index + 1} of {len(self.looks)} ({self.boundary} over the planned looks at steps "
                f"{', '.join(map(str, self.looks))}) split over {compared} arm{'s' if compared != 1 else ''}")
         return Decision(arm, "worse", step, stop_reason("worse", step), why)
 

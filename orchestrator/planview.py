@@ -100,7 +100,8 @@ def early_stop_lines(plan: Plan) -> list[str]:
         lines.append(f"early stop (decided): looks at steps {_numbers(looks)} of {last}; alpha per look "
                      f"{_numbers(alphas)} ({settings.boundary} over the looks), total {sum(alphas):.3g} of the "
                      f"study's alpha {ALPHA:g}; {tested}; an arm is stopped when worse than {study.baseline} at a "
-                     f"look by the study's paired t-test on {study.metric.name} at that step")
+                     f"look by the study's paired t-test on {study.metric.name} at that step, one-sided (a stop claims "
+                     f"only worse)")
     if settings.halving is not None:
         factor = settings.halving.reduction_factor
         rungs = halving_rungs(configs, settings.halving.grace_steps, factor)

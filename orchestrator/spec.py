@@ -127,7 +127,7 @@ class EarlyStopping(BaseModel):
           halving: {grace_steps: 100, reduction_factor: 2}   # successive halving, for grid searches
           rules: [{metric: loss, above: 10}]                 # bound rules, as in the list form
 
-    The statistics (paired t-test at the look's step, Bonferroni over the arms compared at a look, alpha spent
+    The statistics (paired t-test at the look's step, one-sided for worse, Bonferroni over the arms compared at a look, alpha spent
     over the planned looks) and the halving rule are described in orchestrator/early_stop.py. Stopped arms are
     reported apart, never in the final verdicts."""
     model_config = ConfigDict(extra="forbid")

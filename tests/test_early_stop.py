@@ -54,6 +54,22 @@ def test_on_null_data_false_stops_stay_below_alpha_and_a_raw_threshold_would_not
     assert raw > 0.05, f"the uncorrected rule should stop null arms too often, got {raw}"
 
 
+def test_a_stop_reads_the_paired_test_one_sided_for_the_worse_side():
+    """Differences 1, 2, 3 (mean 2, sd 1): t = 2 sqrt(3) on 2 degrees of freedom, two-sided p 0.0742. A stop claims
+    only "worse", so it is tested at the worse side's p, 0.0371: below 0.05 where the arm is worse (lower is
+    better here), 1 - 0.0371 where it is better, which never stops."""
+    base = {0: 5.0, 1: 5.0, 2: 5.0}
+    higher = {"base": base, "arm": {0: 6.0, 1: 7.0, 2: 8.0}}
+    worse = worse_than_baseline(higher, "arm", "base", "min", 0.05)
+    assert worse.p_value == pytest.approx(0.0742 / 2, abs=1e-4) and worse.verdict == "worse"
+    assert worse_than_baseline(higher, "arm", "base", "min", 0.03).verdict == "inconclusive"
+    better = worse_than_baseline(higher, "arm", "base", "max", 0.05)      # higher is better: the arm is better
+    assert better.p_value == pytest.approx(1 - 0.0742 / 2, abs=1e-4) and better.verdict == "inconclusive"
+    shift = {"base": base, "arm": {0: 6.0, 1: 6.0, 2: 6.0}}             # the same difference on 3 seeds: p = 0
+    assert worse_than_baseline(shift, "arm", "base", "min", 1e-6).verdict == "worse"
+    assert worse_than_baseline(shift, "arm", "base", "max", 0.5).verdict == "inconclusive"
+
+
 def test_looks_and_rungs_are_shared_evaluation_steps():
     configs = [{"steps": 100, "eval_every": 10}, {"steps": 120, "eval_every": 20}]
     assert planned_looks(configs, after_step=1, looks=3) == [40, 60, 80]     # ~1/4, 2/4, 3/4 of 100, every 20

@@ -84,7 +84,7 @@ def test_the_decided_plan_shows_the_looks_and_alphas_the_scheduler_uses(tmp_path
         r"\((?P<boundary>[a-z-]+) over the looks\), total (?P<total>[\d.e-]+) of the study's alpha 0.05; each of "
         r"the (?P<compared>\d+) arms compared with base is tested at the look's alpha / \d+ = (?P<per_arm>[\d., e-]+) "
         r"\(Bonferroni over arms\); an arm is stopped when worse than base at a look by the study's paired t-test "
-        r"on recon_mse at that step", lines[0])
+        r"on recon_mse at that step, one-sided \(a stop claims only worse\)", lines[0])
     assert shown, lines[0]
     assert [int(s) for s in _numbers(shown["looks"])] == stopper.looks
     assert len(stopper.looks) == len(stopper.alphas) == compared     # 2 looks with 2 arms, 3 with 3: both vary
