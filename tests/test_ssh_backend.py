@@ -11,14 +11,16 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from infra.vastsim.instances import descendants, find_marked_pids, find_sshd, free_port, kill_marked_processes
 from orchestrator.backends.remote.deploy import detached
-from orchestrator.backends.remote.ssh import SshError
+from orchestrator.backends.remote.ssh import Connection, SshError
 from orchestrator.backends.ssh.config import SshConfig
 from orchestrator.backends.ssh.provider import HostRefused, SshHosts, pinned_key
 from orchestrator.errors import SpecError
@@ -152,6 +154,20 @@ def test_host_keys_are_pinned_in_the_ledger_and_a_changed_key_is_refused(tmp_pat
     host.disappear()
     with pytest.raises(SshError):                       # not there at all: unreachable, not refused
         SshHosts(db, "r3", cfg, REPO_ROOT).reach(cfg.hosts[0], time.monotonic())
+
+
+def test_a_command_whose_connection_drops_fails_at_once_as_a_lost_connection(hosts, client_key):
+    """sshd killed under a running command (a stopped, outbid or vanished host): the command ends as a lost
+    connection when the connection drops, not at its timeout (the read loop used to spin a core until then)."""
+    host = hosts[0]
+    conn = Connection("127.0.0.1", host.port, paramiko.PKey.from_path(client_key), None, timeout=5, retries=1)
+    assert conn.run("echo reached").stdout.strip() == "reached"
+    started = time.monotonic()
+    threading.Timer(1.0, host.disappear).start()
+    with pytest.raises(SshError, match="ConnectionLost: the connection closed while running"):
+        conn.run(["bash", "-s"], stdin=b"sleep 60\n", timeout=30, retries=1)
+    assert time.monotonic() - started < 15, "seen when the connection dropped, not at the command's timeout"
+    conn.close()
 
 
 def test_a_silent_orchestrator_leaves_no_armature_process_or_folder_on_the_host(tmp_path, hosts, client_key):

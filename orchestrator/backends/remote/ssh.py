@@ -229,6 +229,13 @@ class Remote:
                     err += channel.recv_stderr(1 << 16)
                 elif channel.exit_status_ready() and channel.eof_received:
                     break
+                elif channel.closed:
+                    # Closed without EOF: done if an exit status came first, else the connection dropped under the
+                    # command (sshd killed: a stopped, outbid or vanished host). Without this the loop spun
+                    # (status_event stays set) until the command's timeout and reported a timeout.
+                    if channel.exit_status != -1:
+                        break
+                    raise ConnectionLost(f"the connection closed while running: {text[:120]}")
                 elif time.monotonic() > deadline:
                     raise CommandTimeout(f"remote command ran past {limit:.0f}s: {text[:120]}")
                 else:
