@@ -227,12 +227,13 @@ def test_an_outbid_while_deploying_is_weighed_and_the_arm_continues_on_the_resum
 
     def rival_bid_while_deploying(event, stop):
         if event["kind"] == "state" and event["state"] == "deploying" and not outbid:
-            outbid["done"] = True
+            outbid["at"] = time.monotonic()
             sim.compete(5001, bids=[0.2])                          # sshd and every process die before the deploy
             threading.Timer(1.5, sim.compete, args=(5001,)).start()  # the rival leaves: ours may resume
 
     first = harness.spec(arm)
     result, events_ = harness.run(backend, first, rival_bid_while_deploying)
+    assert time.monotonic() - outbid["at"] < 30, "seen when the connection failed, not at the deploy's 120 s timeout"
     assert result.outcome == "preempted", result
     assert "outbid and resumed" in result.reason
     assert not [e for e in events_ if e["kind"] == "attempt"]        # no trainer started on it
@@ -252,6 +253,37 @@ def test_an_outbid_while_deploying_is_weighed_and_the_arm_continues_on_the_resum
     assert (f"instance {row['id']} (vast {row['provider_instance_id']}) outbid while deploying: waited for it"
             f" (expected ${decision['wait_dollars']:.4f} waiting, ${decision['move_dollars']:.4f} moving") in detail
     assert f"instance {row['id']} resumed after its outbid" in detail
+
+
+def test_a_deploy_step_failing_because_its_instance_was_outbid_is_weighed_not_retired(harness, sim, monkeypatch):
+    """The step's exit status (137: killed) can arrive before its connection drops: the failure is the outbid's,
+    so the instance is waited for as in any outbid, not retired as a broken host."""
+    from orchestrator.backends.remote.deploy import DeployError
+    from orchestrator.backends.vast import backend as vast_backend
+
+    deploy = vast_backend.deploy_code
+    hit: dict = {}
+
+    def outbid_under_the_install(conn, paths, bundle, settings):
+        if not hit:
+            hit["done"] = True
+            sim.compete(5001, bids=[0.2])                          # the real outbid: every process on it dies
+            threading.Timer(1.5, sim.compete, args=(5001,)).start()
+            raise DeployError("install dependencies failed on the host (exit 137, 1s):\nKilled")
+        return deploy(conn, paths, bundle, settings)
+
+    monkeypatch.setattr(vast_backend, "deploy_code", outbid_under_the_install)
+    backend = harness.backend(interruptible=True, outbid_wait_minutes=0.5, ssh_retries=1)
+    arm = harness.arm("outbid-install")
+    result, _ = harness.run(backend, harness.spec(arm))
+    assert result.outcome == "preempted" and "outbid and resumed" in result.reason, result
+    assert "exit 137" in result.reason
+    (decision,) = events(harness, OUTBID_EVENT)
+    assert (decision["action"], decision["during"]) == ("wait", "deploy")
+    assert "901" not in backend.excluded_machines
+    result, _ = harness.run(backend, harness.spec(arm))
+    assert result.outcome == "succeeded", result
+    (row,) = instances(harness)                                    # the same instance, deployed on its resume
 
 
 def test_an_outbid_while_booting_moves_to_the_next_offer_and_is_recorded(harness, sim):

@@ -190,6 +190,9 @@ class VastBackend:
             watch = AttemptWatch(self, instance, spec, gpus, emit, stop)
             return watch.start_and_watch(code, python)
         except DeployError as exc:
+            # A deploy step that failed on an instance outbid meanwhile (its processes killed) is the outbid's doing
+            if self.cfg.interruptible and outbid.is_outbid(self._row_after_lost_contact(instance)):
+                return self._outbid_ended(instance, exc, watch)
             self.retire(instance, f"deploy failed: {exc}")
             return AttemptResult("failed", reason=str(exc)[:2000])
         except SshError as exc:
@@ -237,12 +240,7 @@ class VastBackend:
         info = self._row_after_lost_contact(instance)
         end_step = watch.last_step if watch else None
         if self.cfg.interruptible and outbid.is_outbid(info):
-            # "run" once a trainer started on it (its attempt said which instance): what decide weighs redoing
-            during = "run" if adopting or self.activity.on_instance(instance.ledger_id) else "deploy"
-            why = self._after_outbid(instance, during)
-            self.lose_host(instance, why)
-            return AttemptResult("lost" if adopting else "preempted", reason=f"{why} ({exc})"[:500],
-                                 end_step=end_step)
+            return self._outbid_ended(instance, exc, watch, adopting)
         status = "unknown-to-us" if info is _UNKNOWN else "gone" if info is None else str(info.get("actual_status"))
         if status in ("gone",) + provider.TERMINAL_STATUSES:
             self.exclude_machine(instance)
@@ -463,6 +461,16 @@ class VastBackend:
             self._closing.wait(self.cfg.status_poll_seconds)
             info = self._poll_provider(instance)
         return info
+
+    def _outbid_ended(self, instance: PooledInstance, exc: Exception, watch, adopting: bool = False) -> AttemptResult:
+        """The attempt on an instance found outbid after `exc`: waited for or moved from (_after_outbid), ended
+        preempted (lost when adopting)."""
+        # "run" once a trainer started on it (its attempt said which instance): what decide weighs redoing
+        during = "run" if adopting or self.activity.on_instance(instance.ledger_id) else "deploy"
+        why = self._after_outbid(instance, during)
+        self.lose_host(instance, why)
+        return AttemptResult("lost" if adopting else "preempted", reason=f"{why} ({exc})"[:500],
+                             end_step=watch.last_step if watch else None)
 
     def _after_outbid(self, instance: PooledInstance, during: str) -> str:
         """An outbid instance (`during` deploy or run): wait for it to resume or move on (outbid.decide); why the
