@@ -289,14 +289,18 @@ def test_reconcile_flags_twenty_percent_and_passes_one_percent(ledger):
     assert [c["flagged"] for c in data["reconciliation"]] == [True, False]
 
 
-def test_reconcile_small_absolute_difference_and_running_instances(ledger):
+def test_reconcile_flags_a_small_bill_by_its_ratio_and_never_a_running_instance(ledger):
     add_run(ledger, "r1")
     tiny = add_instance(ledger, "r1", dph=0.01, created=T, destroyed=T + H, provider_id="1")
+    close = add_instance(ledger, "r1", dph=0.001, created=T, destroyed=T + H, provider_id="3")
     live = add_instance(ledger, "r1", dph=1.0, created=T, provider_id="2")
-    ledger.add_charge(instance_id=tiny, run_id="r1", source="provider", amount_dollars=0.015)   # +50% but < 1 cent
+    ledger.add_charge(instance_id=tiny, run_id="r1", source="provider", amount_dollars=0.015)   # +50%, half a cent
+    ledger.add_charge(instance_id=close, run_id="r1", source="provider", amount_dollars=0.001009)   # +0.9%
     ledger.add_charge(instance_id=live, run_id="r1", source="provider", amount_dollars=0.10)
     checks = {c.instance_id: c for c in reconcile(ledger, now=LATER)}
-    assert not checks[tiny].flagged
+    assert checks[tiny].flagged and checks[tiny].status == "MISMATCH"
+    assert checks[tiny].reason.startswith("billed $0.0150 against $0.0100 expected"), checks[tiny].reason
+    assert not checks[close].flagged and checks[close].status == "ok"
     assert not checks[live].flagged and checks[live].status == "still running"
 
 

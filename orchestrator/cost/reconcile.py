@@ -8,8 +8,9 @@ row, and one that finds the same bill adds nothing, so the rows of an instance a
 sum to its latest bill.
 
 `reconcile` puts each instance's billed sum beside what the ledger says Vast should bill
-(`expected_bill`, Vast's rules as vast-api.md states them) and flags differences above both
-a relative (1%) and an absolute threshold, each with its reason:
+(`expected_bill`, Vast's rules as vast-api.md states them) and flags every difference above 1% of
+the estimate, however few dollars it is, each with its reason (a cent's threshold once hid
+differences of several percent on small bills, the ones a short study is made of):
 
   GPU        dph_total $/h (the bid of an interruptible rental) for every second the instance
              was `running`: the periods `instance.status` events record (`observe_instance`),
@@ -38,7 +39,6 @@ MONTH_S = 30 * 24 * 3600.0          # Vast's storage month
 STATUS_EVENT = "instance.status"
 # Statuses that end a running (GPU-billed) period.
 _GPU_STOPS = ("stopped", "exited", "offline", "destroyed")
-DEFAULT_THRESHOLD_DOLLARS = 0.01
 _DAY_S = 86400
 # A bill fetched this long after the destroy was confirmed is final: later fetches skip the instance.
 SETTLED_AFTER_S = _DAY_S
@@ -82,15 +82,15 @@ class InstanceReconciliation:
         return "ok"
 
 
-def is_mismatch(estimated: float, billed: float, threshold_ratio: float = DEFAULT_THRESHOLD_RATIO,
-                threshold_dollars: float = DEFAULT_THRESHOLD_DOLLARS) -> bool:
-    """A difference counts when it is above both the relative and the absolute threshold."""
+def is_mismatch(estimated: float, billed: float, threshold_ratio: float = DEFAULT_THRESHOLD_RATIO) -> bool:
+    """A difference counts when it is above `threshold_ratio` of the estimate and above a millionth of a dollar
+    (below any bill's precision: a rejected create's fraction of a second of storage)."""
     difference = abs(billed - estimated) - 1e-9      # a difference of exactly the threshold passes
-    return difference > threshold_dollars and difference > threshold_ratio * abs(estimated)
+    return difference > 1e-6 and difference > threshold_ratio * abs(estimated)
 
 
 def reconcile(ledger: Ledger, run_id: str | None = None, *, now: float | None = None,
-              threshold_ratio: float = DEFAULT_THRESHOLD_RATIO, threshold_dollars: float = DEFAULT_THRESHOLD_DOLLARS,
+              threshold_ratio: float = DEFAULT_THRESHOLD_RATIO,
               instance_ids: list[int] | None = None) -> list[InstanceReconciliation]:
     """Every rented instance of a run (all instances, unowned included, when None; or just
     `instance_ids`) with its estimated and billed dollars. The estimate is the instance's whole
@@ -121,7 +121,7 @@ def reconcile(ledger: Ledger, run_id: str | None = None, *, now: float | None = 
         bill = billed.get(instance["id"])
         still_running = instance_end(instance, now)[1]
         flagged = (estimate is not None and bill is not None and not still_running
-                   and is_mismatch(estimate, bill, threshold_ratio, threshold_dollars))
+                   and is_mismatch(estimate, bill, threshold_ratio))
         results.append(InstanceReconciliation(
             instance_id=instance["id"], provider_instance_id=instance["provider_instance_id"],
             run_id=instance["run_id"], estimated_dollars=estimate, billed_dollars=bill,
@@ -256,33 +256,47 @@ def mismatch_reason(expected: ExpectedBill | None, bill: float | None, breakdown
     """Which part of a bill differs from the ledger's account, and what probably caused it."""
     if expected is None or bill is None:
         return "nothing to compare"
-    total = f"billed ${bill:.4f} against ${expected.dollars:.4f} expected"
+    total = f"billed {_dollars(bill)} against {_dollars(expected.dollars)} expected"
     if not breakdown:
         return f"{total}; the charge gives no breakdown"
 
     def differs(billed: float, wanted: float) -> bool:
-        return abs(billed - wanted) > max(threshold_ratio * abs(wanted), 1e-9) and abs(billed - wanted) > 1.0
+        return abs(billed - wanted) > max(threshold_ratio * abs(wanted), 1e-3)
 
     reasons = []
     gpu_s = breakdown.get("gpu_seconds")
     if gpu_s is not None and differs(gpu_s, expected.gpu_seconds):
-        hint = ("a stop, exit or outbid the ledger did not record" if gpu_s < expected.gpu_seconds
-                else "running before the ledger saw it ready, or after a stop it recorded")
-        reasons.append(f"GPU billed for {gpu_s:.0f} s, the ledger has it running {expected.gpu_seconds:.0f} s ({hint})")
+        # A stop, exit or outbid the ledger sees is dated halfway between the last contact and the poll that saw it.
+        hint = ("a stop, exit or outbid the ledger did not record, or dated late by the poll that saw it"
+                if gpu_s < expected.gpu_seconds else
+                "running before the ledger saw it ready, or a stop dated early by the poll that saw it")
+        reasons.append(f"GPU billed for {_seconds(gpu_s)}, the ledger has it running {_seconds(expected.gpu_seconds)} "
+                       f"({hint})")
     storage_s = breakdown.get("storage_seconds")
     if storage_s is not None and differs(storage_s, expected.storage_seconds):
         hint = ("destroyed later than the ledger confirmed it" if storage_s > expected.storage_seconds
                 else "the ledger confirmed the destroy late")
-        reasons.append(f"storage billed for {storage_s:.0f} s, the ledger has the instance alive "
-                       f"{expected.storage_seconds:.0f} s ({hint})")
+        reasons.append(f"storage billed for {_seconds(storage_s)}, the ledger has the instance alive "
+                       f"{_seconds(expected.storage_seconds)} ({hint})")
     bandwidth = breakdown.get("bandwidth_amount") or 0.0
     if bandwidth > threshold_ratio * max(expected.dollars, 1e-9):
-        reasons.append(f"bandwidth ${bandwidth:.4f} billed, which armature does not meter")
+        reasons.append(f"bandwidth {_dollars(bandwidth)} billed, which armature does not meter")
     rate = breakdown.get("dph_total")
     contracted = expected.gpu_dollars * 3600 / expected.gpu_seconds if expected.gpu_seconds else None
     if rate is not None and contracted is not None and abs(rate - contracted) > 1e-6:
         reasons.append(f"GPU billed at ${rate:g}/h, the ledger has ${contracted:g}/h")
     return "; ".join([total, *reasons]) if reasons else f"{total}; no single part explains it"
+
+
+def _dollars(dollars: float) -> str:
+    """Four decimals, or three significant digits for sums under a cent (a short instance's bill)."""
+    return f"${dollars:.4f}" if abs(dollars) >= 0.01 else f"${dollars:.3g}"
+
+
+def _seconds(seconds: float) -> str:
+    """Whole seconds, or three significant digits below a minute (where a second is several percent of a short
+    instance's bill)."""
+    return f"{seconds:.0f} s" if seconds >= 60 else f"{seconds:.3g} s"
 
 
 # ---- fetching the provider's charges ------------------------------------------------------

@@ -188,8 +188,7 @@ def show(study: dict) -> None:
           f"${study['storage']:.5f} + bandwidth ${study['bandwidth']:.5f}")
     flagged = "; ".join(study["flagged"]) or "none flagged"
     print(f"    ledger: billed ${study['ledger_billed']:.5f}, estimated ${study['estimated']:.5f}; per instance "
-          f"at worst {study['worst_difference']:.2%} or ${study['worst_dollars']:.5f} apart (flagged above 1% and "
-          f"$0.01): {flagged}")
+          f"at worst {study['worst_difference']:.2%} or ${study['worst_dollars']:.5f} apart (flagged above 1%): {flagged}")
 
 
 def main() -> int:
