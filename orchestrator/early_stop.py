@@ -21,8 +21,8 @@ Decided (`decided: true`): an arm shown *worse* than the baseline at an interim 
   union bound is used rather than the classical group-sequential boundaries because the looks here are the same
   seeds at later steps, not more samples: their correlation is unknown, and the union bound holds under any.
   So when every arm's interim values are distributed like the baseline's, the chance that any arm is stopped at
-  any look is at most alpha. The final verdicts' two-sided Holm test keeps a false "worse" at alpha/2 per side; a
-  stop's one-sided claim is held to the whole alpha, the study's stated error rate for the one claim a stop makes.
+  any look is at most alpha. (The final verdicts are two-sided: their alpha covers "better" and "worse" together.
+  A stop makes only the one claim, so that claim is held to the whole alpha.)
 - What is claimed is "worse at step N", not at the end: an arm that learns slowly but ends better can be stopped.
   Stopped arms are left out of the final verdicts (and of their Holm family) and reported apart.
 
