@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -62,3 +63,35 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
 def metric_steps(out_dir: Path) -> list[int]:
     import json
     return [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_ledger(path: Path, run_id: str, trainer: str = "maskgit", backend: str = "vast") -> Ledger:
+    """A ledger at `path` holding one bare run (no spec, metric, budget or commit), for tests of one backend."""
+    opened = Ledger(path)
+    opened.create_run(run_id, name=run_id, trainer=trainer, backend=backend, spec_path=None, metric=None,
+                      metric_mode=None, baseline=None, budget_dollars=None, git_commit=None, git_diff_hash=None)
+    return opened
+
+
+@contextlib.contextmanager
+def vast_simulator(root: Path, api_key: str, offers: list[dict], export_key: bool = False, **options):
+    """A started Vast simulator with these offers (the test is skipped where OpenSSH sshd is missing: its
+    instances run one); with `export_key`, VAST_API_KEY is `api_key` while it runs, as the backend reads it."""
+    import pytest
+
+    from infra.vastsim import Simulator
+    from infra.vastsim.instances import find_sshd
+
+    if find_sshd() is None:
+        pytest.skip("OpenSSH sshd is not installed (the simulator's instances run one)")
+    previous = os.environ.get("VAST_API_KEY")
+    if export_key:
+        os.environ["VAST_API_KEY"] = api_key
+    try:
+        with Simulator(root, api_key=api_key, offers=offers, **options) as simulator:
+            yield simulator
+    finally:
+        if export_key and previous is None:
+            os.environ.pop("VAST_API_KEY", None)
+        elif export_key:
+            os.environ["VAST_API_KEY"] = previous

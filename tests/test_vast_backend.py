@@ -31,6 +31,7 @@ from orchestrator.backends.remote.ssh import load_or_create_keypair
 from orchestrator.cost.reconcile import _charge_lines, provider_instance_id
 from orchestrator.ledger import Ledger
 from orchestrator.paths import REPO_ROOT
+from tests.armature_helpers import run_ledger, vast_simulator
 
 pytestmark = pytest.mark.skipif(find_sshd() is None, reason="OpenSSH sshd is not installed")
 
@@ -79,15 +80,8 @@ def fast_config(sim: Simulator, **overrides) -> VastConfig:
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    previous = os.environ.get("VAST_API_KEY")
-    os.environ["VAST_API_KEY"] = API_KEY
-    simulator = Simulator(tmp_path_factory.mktemp("vastsim"), api_key=API_KEY, offers=OFFERS).start()
-    yield simulator
-    simulator.stop()
-    if previous is None:
-        os.environ.pop("VAST_API_KEY", None)
-    else:
-        os.environ["VAST_API_KEY"] = previous
+    with vast_simulator(tmp_path_factory.mktemp("vastsim"), API_KEY, OFFERS, export_key=True) as simulator:
+        yield simulator
 
 
 class Harness:
@@ -95,10 +89,7 @@ class Harness:
 
     def __init__(self, sim: Simulator, root: Path, run_id: str):
         self.sim, self.root, self.run_id = sim, root, run_id
-        self.ledger = Ledger(root / "ledger.sqlite")
-        self.ledger.create_run(run_id, name=run_id, trainer="vqvae", backend="vast", spec_path=None, metric=None,
-                               metric_mode=None, baseline=None, budget_dollars=None, git_commit=None,
-                               git_diff_hash=None)
+        self.ledger = run_ledger(root / "ledger.sqlite", run_id, trainer="vqvae")
         self.run_dir = root / run_id
         self.backends: list[VastBackend] = []
 

@@ -9,10 +9,9 @@ import pytest
 import requests
 import vastai
 
-from infra import vastsim
-from infra.vastsim.instances import find_sshd
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.vast.offers import after_outbid, bid_price
+from tests.armature_helpers import vast_simulator
 
 API_KEY = "bids-test-key"
 OFFERS = [
@@ -38,9 +37,7 @@ def test_bid_is_a_multiple_of_min_bid_capped_by_the_price_limit():
 
 @pytest.fixture
 def sim(tmp_path):
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd is not installed (the simulator's instances run one)")
-    with vastsim.Simulator(tmp_path / "vastsim", api_key=API_KEY, offers=OFFERS) as simulator:
+    with vast_simulator(tmp_path / "vastsim", API_KEY, OFFERS) as simulator:
         yield simulator
 
 

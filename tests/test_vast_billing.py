@@ -8,12 +8,10 @@ import time
 import pytest
 import vastai
 
-from infra import vastsim
 from infra.vastsim import billing
-from infra.vastsim.instances import find_sshd
 from orchestrator.cost.reconcile import (bill_breakdown, expected_bill, fetch_provider_charges, observe_instance, reconcile,
                                          status_changes)
-from orchestrator.ledger import Ledger
+from tests.armature_helpers import run_ledger, vast_simulator
 
 API_KEY = "billing-test-key"
 GPU_PER_H = 36.0                      # a cent a second
@@ -63,17 +61,13 @@ def test_bandwidth_is_billed_per_gb_and_a_live_instance_up_to_now():
 
 @pytest.fixture
 def sim(tmp_path):
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd is not installed (the simulator's instances run one)")
-    with vastsim.Simulator(tmp_path / "vastsim", api_key=API_KEY, offers=OFFERS) as simulator:
+    with vast_simulator(tmp_path / "vastsim", API_KEY, OFFERS) as simulator:
         yield simulator
 
 
 @pytest.fixture
 def ledger(tmp_path):
-    opened = Ledger(tmp_path / "ledger.sqlite")
-    opened.create_run("bill", name="bill", trainer="maskgit", backend="vast", spec_path=None, metric=None,
-                      metric_mode=None, baseline=None, budget_dollars=None, git_commit=None, git_diff_hash=None)
+    opened = run_ledger(tmp_path / "ledger.sqlite", "bill")
     yield opened
     opened.close()
 

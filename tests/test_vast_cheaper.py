@@ -9,7 +9,6 @@ its own market: a cheap interruptible machine (capacity 1, so a rival bid stops 
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -17,7 +16,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from infra.vastsim import Simulator
 from orchestrator.backends.vast import make_client
 from orchestrator.backends.vast.offers import EXCLUDED_EVENT
 from orchestrator.backends.vast.outbid import OUTBID_EVENT
@@ -26,6 +24,7 @@ from orchestrator.cost.model import MONTH_HOURS, cost_lines, current_spend
 from orchestrator.cost.reconcile import (STATUS_EVENT, bill_breakdown, expected_bill, fetch_provider_charges,
                                          reconcile, status_changes)
 from orchestrator.planview import vast_offer_lines
+from tests.armature_helpers import vast_simulator
 from tests.test_vast_backend import API_KEY, checkpoint_step, harness, longer  # noqa: F401 (harness: a fixture)
 
 STORAGE_COST = 0.15            # $/GB/month, the simulator's default
@@ -41,15 +40,8 @@ OFFERS = [   # by $/reliable hour: 5001 (bid 0.15), 5002 (0.30 / 0.375 as a bid)
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    previous = os.environ.get("VAST_API_KEY")
-    os.environ["VAST_API_KEY"] = API_KEY
-    simulator = Simulator(tmp_path_factory.mktemp("vastsim"), api_key=API_KEY, offers=OFFERS).start()
-    yield simulator
-    simulator.stop()
-    if previous is None:
-        os.environ.pop("VAST_API_KEY", None)
-    else:
-        os.environ["VAST_API_KEY"] = previous
+    with vast_simulator(tmp_path_factory.mktemp("vastsim"), API_KEY, OFFERS, export_key=True) as simulator:
+        yield simulator
 
 
 def events(harness, kind: str) -> list[dict]:

@@ -9,13 +9,11 @@ import pytest
 import requests
 import vastai
 
-from infra import vastsim
-from infra.vastsim.instances import find_sshd
 from orchestrator.backends.vast import provider
 from orchestrator.backends.vast.config import VastConfig
 from orchestrator.backends.vast.idle import IdleWatch, record_idle_waste
 from orchestrator.backends.vast.offers import EXCLUDED_EVENT, RankedOffers, format_plan, plan_rows, rank
-from orchestrator.ledger import Ledger
+from tests.armature_helpers import run_ledger, vast_simulator
 
 API_KEY = "failover-test-key"
 OFFERS = [   # ranked 1, 2, 3 by price per reliable hour
@@ -32,17 +30,13 @@ CFG = VastConfig(gpu_name="RTX 4090", max_dollars_per_hour=1.0, min_reliability=
 
 @pytest.fixture
 def sim(tmp_path):
-    if find_sshd() is None:
-        pytest.skip("OpenSSH sshd is not installed (the simulator's instances run one)")
-    with vastsim.Simulator(tmp_path / "vastsim", api_key=API_KEY, offers=OFFERS) as simulator:
+    with vast_simulator(tmp_path / "vastsim", API_KEY, OFFERS) as simulator:
         yield simulator
 
 
 @pytest.fixture
 def ledger(tmp_path):
-    opened = Ledger(tmp_path / "ledger.sqlite")
-    opened.create_run("fo", name="fo", trainer="maskgit", backend="vast", spec_path=None, metric=None,
-                      metric_mode=None, baseline=None, budget_dollars=None, git_commit=None, git_diff_hash=None)
+    opened = run_ledger(tmp_path / "ledger.sqlite", "fo")
     yield opened
     opened.close()
 
