@@ -163,10 +163,12 @@ def test_a_command_whose_connection_drops_fails_at_once_as_a_lost_connection(hos
     conn = Connection("127.0.0.1", host.port, paramiko.PKey.from_path(client_key), None, timeout=5, retries=1)
     assert conn.run("echo reached").stdout.strip() == "reached"
     started = time.monotonic()
-    threading.Timer(1.0, host.disappear).start()
+    switch_off = threading.Timer(1.0, host.disappear)
+    switch_off.start()
     with pytest.raises(SshError, match="ConnectionLost: the connection closed while running"):
         conn.run(["bash", "-s"], stdin=b"sleep 60\n", timeout=30, retries=1)
     assert time.monotonic() - started < 15, "seen when the connection dropped, not at the command's timeout"
+    switch_off.join()             # the connection drops while disappear() still runs: let it end before teardown
     conn.close()
 
 
