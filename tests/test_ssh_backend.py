@@ -18,7 +18,8 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from infra.vastsim.instances import descendants, find_marked_pids, find_sshd, free_port, kill_marked_processes
+from infra.vastsim.instances import (descendants, find_marked_pids, find_sshd, free_port, kill_marked_processes,
+                                     sigkill)
 from orchestrator.backends.remote.deploy import detached
 from orchestrator.backends.remote.ssh import Connection, SshError
 from orchestrator.backends.ssh.config import SshConfig
@@ -76,13 +77,8 @@ class SshdHost:
         """Kill sshd, its sessions and everything armature runs there (by pid), like a machine switched off."""
         killed = 0
         if self.sshd is not None:
-            doomed = [self.sshd.pid] + descendants(self.sshd.pid)    # the sessions of open connections too
-            for pid in doomed:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed += 1
-                except ProcessLookupError:
-                    pass
+            # the sessions of open connections too
+            killed = len(sigkill([self.sshd.pid] + descendants(self.sshd.pid)))
             self.sshd.wait(10)
             self.sshd = None
         return killed + kill_marked_processes(self.markers)

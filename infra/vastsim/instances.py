@@ -100,15 +100,22 @@ def kill_marked_processes(markers: dict[str, str], rounds: int = 50) -> int:
         pids = find_marked_pids(markers)
         if not pids:
             break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
-            except ProcessLookupError:
-                pass
+        killed.update(sigkill(pids))
         time.sleep(0.02)
     wait_dead(killed)
     return len(killed)
+
+
+def sigkill(pids) -> list[int]:
+    """SIGKILL each of `pids`; the ones that were still there to kill."""
+    killed = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
+    return killed
 
 
 def wait_dead(pids, timeout: float = 10.0) -> None:
@@ -400,11 +407,7 @@ class InstanceHost:
         instance."""
         sessions = descendants(self.sshd.pid) if self.sshd_running else []
         self.stop_sshd()
-        for pid in sessions:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sigkill(sessions)
         wait_dead(sessions)
         killed = kill_marked_processes(self.markers) + len(sessions)
         if self.onstart is not None:
