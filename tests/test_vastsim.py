@@ -12,7 +12,7 @@ import requests
 import vastai
 
 from infra.vastsim import Simulator
-from infra.vastsim.instances import find_sshd
+from infra.vastsim.instances import find_marked_pids, find_sshd, sigkill, wait_dead
 
 pytestmark = pytest.mark.skipif(
     find_sshd() is None, reason="OpenSSH sshd is not installed (apt-get install -y openssh-server)")
@@ -195,6 +195,24 @@ def test_instance_lifecycle_ssh_sftp_detached_process_destroy_and_charge(sim, va
     storage = 20 * 0.15 * line["metadata"]["storage_seconds"] / (30 * 24 * 3600)
     assert line["amount"] == pytest.approx(0.40 * gpu_seconds / 3600 + storage, rel=1e-4)
     assert line["type"] == "instance" and line["metadata"]["label"] == "armature:test:arm0"
+
+
+def test_a_detached_process_is_found_even_in_the_middle_of_its_exec():
+    """`setsid nohup cmd &` returns its pid while the process may still be exec'ing, when /proc/<pid>/environ
+    reads empty for a moment: the marked-process search must not miss it (a kill would let it escape)."""
+    missed, started = [], []
+    try:
+        for i in range(60):
+            marker = {"VASTSIM_EXEC_RACE": f"{secrets.token_hex(4)}-{i}"}
+            pid = int(subprocess.run(["bash", "-c", "setsid nohup sleep 60 >/dev/null 2>&1 </dev/null & echo $!"],
+                                     env={"PATH": "/usr/bin:/bin", **marker}, capture_output=True, text=True,
+                                     check=True).stdout)
+            started.append(pid)
+            if pid not in find_marked_pids(marker):
+                missed.append(pid)
+    finally:
+        wait_dead(sigkill(started))
+    assert missed == [], f"{len(missed)} of {len(started)} just-started processes were not found"
 
 
 def test_label_stop_start_and_paged_listing(sim, vast, keypair):

@@ -82,14 +82,31 @@ def find_marked_pids(markers: dict[str, str]) -> list[int]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as handle:
-                environ = set(handle.read().split(b"\0"))
-        except OSError:
-            continue
-        if needles <= environ:
+        if needles <= set(_environ(int(entry.name)).split(b"\0")):
             found.append(int(entry.name))
     return found
+
+
+PF_KTHREAD = 0x00200000         # /proc/<pid>/stat flags: a kernel thread, which has no environment
+
+
+def _environ(pid: int, attempts: int = 25) -> bytes:
+    """The environment of `pid` (b"" if gone). A process in the middle of an exec (a detached `setsid nohup cmd`
+    just started) reads as empty until the kernel has laid out its new stack: read again rather than miss it."""
+    for _ in range(attempts):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environ = handle.read()
+            if environ:
+                return environ
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()     # "pid (comm) state ppid ... flags ..."
+        except OSError:
+            return b""
+        if fields[0] in ("Z", "X") or int(fields[6]) & PF_KTHREAD:
+            return b""                                  # a zombie or a kernel thread: empty for good
+        time.sleep(0.002)
+    return b""
 
 
 def kill_marked_processes(markers: dict[str, str], rounds: int = 50) -> int:
