@@ -140,6 +140,10 @@ def print_plan(plan: Plan, console: Console) -> None:
     memory = f", {res.gpu_memory_gb} GB GPU memory" if res.gpu_memory_gb else ""
     console.print(f"resources per arm run: {res.gpus:g} GPU, {res.cpus:g} CPU{memory} "
                   f"(CPU only where there is no GPU); primary metric {study.metric.name} ({study.metric.mode})")
+    caveat = next((c for info in {i.name: i for i in plan.trainers.values()}.values()
+                   if (c := info.caveat(study.metric.name))), None)
+    if caveat:
+        console.print(f"caution: {caveat}", soft_wrap=True, markup=False, highlight=False)
     est = estimate(plan, res.gpus)
     if est is not None:
         console.print(f"cost estimate: {est.describe()}")

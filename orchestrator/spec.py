@@ -6,11 +6,11 @@
     arms:
       - name: baseline
       - name: small-codebook
-        set: {tokenizer.codebook_size: 32}
+        set: {tokenizer.model.codebook_size: 32}
     grid: {lr: [1e-3, 3e-4]}            # optional: every arm x every combination (as W&B grid sweeps)
     seeds: 2                            # replicates: 2 means seeds 0 and 1; or a list [0, 7];
                                         # or {min: 3, max: 8}: more seeds only where a verdict is open
-    metric: {name: heldout_masked_acc, mode: max}
+    metric: {name: kid_scratchenc, mode: min}   # a metric of the trainer; validate says what can flatter it
     baseline: baseline
     early_stop: {decided: true}         # optional: stop arms shown worse at an interim look; or
                                         # {halving: {grace_steps, reduction_factor}} (EarlyStopping below)

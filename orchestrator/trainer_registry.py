@@ -30,6 +30,23 @@ class TrainerInfo:
     upstream: dict[str, Upstream]     # config field -> its upstream trainer
     seed_randomises: list[str] = field(default_factory=list)   # what a replicate's seed changes (SEED_RANDOMISES)
     samples_image: str = "samples"    # the grid the report shows: samples/<name>.png and <name>_stepNNNNNN.png
+    # metric -> (what degenerate output flatters it, guard metrics an arm called better must not be worse on)
+    flattered_by: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
+    measured_in: dict[str, str] = field(default_factory=dict)  # metric -> config field of the upstream whose space
+                                                               # it is measured in (MEASURED_IN)
+
+    def caveat(self, metric: str) -> str | None:
+        """What a study ranking arms by `metric` should know, in one sentence; None when nothing."""
+        parts = []
+        if metric in self.flattered_by:
+            what, guards = self.flattered_by[metric]
+            parts.append(f"{metric} is flattered by {what}; an arm called better on it must not be worse on "
+                         f"{' or '.join(guards)}")
+        if metric in self.measured_in:
+            field_name = self.measured_in[metric]
+            parts.append(f"{metric} is measured in the {field_name}'s own space, so arms that change the {field_name} "
+                         f"get no verdict on it")
+        return "; ".join(parts) or None
 
 
 def available_trainers() -> list[str]:
@@ -52,4 +69,5 @@ def load_trainer(name: str, where: str = "trainer") -> TrainerInfo:
     upstream = {field: Upstream(link["trainer"], link["dir_field"], link.get("scope", "arm"))
                 for field, link in getattr(module, "UPSTREAM", {}).items()}
     return TrainerInfo(name, module, module.Config, dict(module.METRICS), upstream,
-                       list(getattr(module, "SEED_RANDOMISES", [])), getattr(module, "SAMPLES_IMAGE", "samples"))
+                       list(getattr(module, "SEED_RANDOMISES", [])), getattr(module, "SAMPLES_IMAGE", "samples"),
+                       dict(getattr(module, "FLATTERED_BY", {})), dict(getattr(module, "MEASURED_IN", {})))

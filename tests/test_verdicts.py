@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.report.verdicts import ONE_SEED_NOTE, compare_to_baseline, holm
+from orchestrator.report.verdicts import ONE_SEED_NOTE, check_guards, compare_to_baseline, holm
 
 
 def study(rng, n_seeds, shifts, noise=1.0, seed_spread=5.0):
@@ -117,3 +117,26 @@ def test_bad_arguments_are_clear_errors():
         compare_to_baseline({"base": {0: 1.0}}, "base", "lower")
     with pytest.raises(ValueError, match="baseline 'nope'"):
         compare_to_baseline({"base": {0: 1.0}}, "nope", "min")
+
+
+def test_a_better_verdict_a_guard_metric_contradicts_is_demoted():
+    """Precision rewards mode collapse: an arm more precise than the baseline but clearly worse on recall is not
+    called better; one more precise and no worse on recall is."""
+    rng = np.random.default_rng(7)
+    precision = study(rng, 5, {"base": 0.6, "collapsed": 0.9, "sharper": 0.9}, noise=0.01, seed_spread=0.02)
+    recall = study(rng, 5, {"base": 0.6, "collapsed": 0.1, "sharper": 0.6}, noise=0.01, seed_spread=0.02)
+    verdicts = compare_to_baseline(precision, "base", "max")
+    assert verdicts["collapsed"].verdict == verdicts["sharper"].verdict == "better"
+    check_guards(verdicts, "precision", "mode collapse", {"recall": ("max", recall)}, "base")
+    assert verdicts["collapsed"].verdict == "inconclusive"
+    assert verdicts["collapsed"].note.startswith("better on precision but worse on recall (-0.4")
+    assert "flattered by mode collapse" in verdicts["collapsed"].note
+    assert verdicts["sharper"].verdict == "better" and verdicts["sharper"].note == ""
+    assert verdicts["base"].verdict == "baseline"
+
+
+def test_a_guard_nobody_reported_leaves_the_verdict_and_says_so():
+    values = study(np.random.default_rng(8), 4, {"base": 0.0, "up": 5.0}, noise=0.1)
+    verdicts = compare_to_baseline(values, "base", "max")
+    check_guards(verdicts, "m", "noise", {"kid": ("min", {"base": {}, "up": {}})}, "base")
+    assert verdicts["up"].verdict == "better" and verdicts["up"].note == "not checked against kid: not reported"

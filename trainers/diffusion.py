@@ -100,6 +100,10 @@ class Config(JudgedConfig):
 
 
 METRICS = {"loss": "min", **metrics.DIRECTIONS}
+# The training loss is what its objective and weighting make it: an arm that changes them changes the quantity.
+FLATTERED_BY = {**metrics.FLATTERED_BY,
+                "loss": ("a changed prediction target, schedule or loss weighting (it changes what the loss measures)",
+                         metrics.KID_GUARD)}
 UPSTREAM = {"judge": JUDGE_UPSTREAM}
 SEED_RANDOMISES = ["model initialisation", "batch order, diffusion times, noise, label dropout and dropout masks",
                    "evaluation labels and sampling noise", "data draw (data.draw)"]

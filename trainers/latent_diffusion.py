@@ -57,6 +57,8 @@ class Config(diffusion.Config):
 
 
 METRICS = diffusion.METRICS
+FLATTERED_BY = diffusion.FLATTERED_BY
+MEASURED_IN = {"loss": "autoencoder"}      # metric -> the upstream whose space it is measured in (its latents)
 # the `autoencoder` field holds the config of a vae run whose OUT directory goes into `autoencoder_dir`
 UPSTREAM = {"autoencoder": {"trainer": "vae", "dir_field": "autoencoder_dir"}, "judge": JUDGE_UPSTREAM}
 SEED_RANDOMISES = diffusion.SEED_RANDOMISES + [

@@ -88,6 +88,11 @@ METRICS = {**metrics.DIRECTIONS, "inpaint_mse": "min",
            # token-level, secondary: a collapsed codebook flatters these
            "heldout_masked_acc": "max", "heldout_loss": "min", "token_kl": "min",
            "token_diversity_gap": "min", "inpaint_acc": "max"}
+FLATTERED_BY = metrics.FLATTERED_BY
+# Token-level metrics are measured in the tokenizer's codes: comparable only between arms sharing a tokenizer
+# (a collapsed codebook makes the task easier, not the model better).
+TOKEN_METRICS = ("heldout_masked_acc", "heldout_loss", "token_kl", "token_diversity_gap", "inpaint_acc")
+MEASURED_IN = {name: "tokenizer" for name in TOKEN_METRICS}
 # the `tokenizer` field holds the config of a vqvae run whose OUT directory goes into `tokenizer_dir`
 UPSTREAM = {"tokenizer": {"trainer": "vqvae", "dir_field": "tokenizer_dir"}, "judge": JUDGE_UPSTREAM}
 SEED_RANDOMISES = ["transformer initialisation", "batch order, mask ratios and mask positions",

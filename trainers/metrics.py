@@ -54,6 +54,19 @@ DIRECTIONS = {
     "modes_covered": "max",
     "mode_kl": "min",
 }
+# Sample metrics a degenerate generator can flatter: what flatters each, and the guard metrics (of DIRECTIONS) an
+# arm called better on it must not be worse on. A study may still rank arms by them; its report checks the guards.
+KID_GUARD = ("kid_scratchenc",)
+FLATTERED_BY = {
+    "precision_scratchenc": ("mode collapse: a few faithful samples are all precise",
+                             ("recall_scratchenc", "coverage_scratchenc")),
+    "density_scratchenc": ("mode collapse onto the dense regions of the real data",
+                           ("recall_scratchenc", "coverage_scratchenc")),
+    "memorized_fraction": ("samples far from every training image, noise included (noise scores 0)", KID_GUARD),
+    "swd": ("a global colour or brightness shift, which its per-set normalisation hides", KID_GUARD),
+    "modes_covered": ("poor samples the judge still sorts into every family", KID_GUARD),
+    "mode_kl": ("poor samples the judge still sorts into every family", KID_GUARD),
+}
 MEMORIZATION_QUANTILE = 0.05
 
 

@@ -92,6 +92,10 @@ class Config(JudgedConfig):
 
 
 METRICS = {"loss_d": "min", "loss_g": "min", **metrics.DIRECTIONS}
+# A GAN's losses are the state of its game, not a measure of its samples (trainers/metrics.py FLATTERED_BY).
+FLATTERED_BY = {**metrics.FLATTERED_BY,
+                "loss_d": ("a weaker generator: the losses measure the game, not the samples", metrics.KID_GUARD),
+                "loss_g": ("a weaker discriminator: the losses measure the game, not the samples", metrics.KID_GUARD)}
 UPSTREAM = {"judge": JUDGE_UPSTREAM}
 SEED_RANDOMISES = ["model initialisation", "batch order, latents and gradient-penalty mixing",
                    "evaluation latents", "data draw (data.draw)"]

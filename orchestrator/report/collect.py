@@ -20,7 +20,7 @@ import yaml
 
 from orchestrator.errors import UserError
 from orchestrator.ledger import ACTIVE_STATES, Ledger
-from orchestrator.report.verdicts import Verdict, compare_to_baseline
+from orchestrator.report.verdicts import Verdict, check_guards, compare_to_baseline
 from orchestrator.trainer_registry import TrainerInfo, load_trainer
 
 BROKEN_STATES = ("failed", "diverged", "cancelled")
@@ -126,6 +126,7 @@ class StudyResults:
     seed_randomises: dict[str, list[str]] = field(default_factory=dict)  # trainer -> what a seed changes
     seed_rounds: list[str] = field(default_factory=list)   # why adaptive seeds were added or stopped, in order
     samples_images: dict[str, str] = field(default_factory=dict)   # trainer -> the sample grid it declares
+    primary_caveat: str | None = None    # what the primary metric can be flattered by (TrainerInfo.caveat)
 
     @property
     def seeds(self) -> list[SeedResult]:
@@ -176,7 +177,9 @@ def collect_results(ledger: Ledger, run_id: str, run_dir: Path) -> StudyResults:
     for arm_name, stop in stopped_arms(ledger, run_id).items():
         if arm_name in arms and arm_name != results.baseline:
             arms[arm_name].stopped = stop
-    _compare_with_baseline(results)
+    used_by_arms = dict.fromkeys([run["trainer"]] + [s.row["trainer"] for s in arm_seeds])
+    primary_trainers = [trainers[name] for name in used_by_arms if name in trainers]
+    _compare_with_baseline(results, primary_trainers)
     results.upstream_metrics = {name: _declared_metrics(trainers, [name], upstream)
                                 for name in dict.fromkeys(s.row["trainer"] for s in upstream)}
     results.upstream_users = _upstream_users(results.arms)
@@ -274,18 +277,61 @@ def _declared_metrics(trainers: dict[str, TrainerInfo], names: list[str],
     return declared
 
 
-def _compare_with_baseline(results: StudyResults) -> None:
+def _compare_with_baseline(results: StudyResults, trainers: list[TrainerInfo]) -> None:
+    """Verdicts on the primary metric, minus what it cannot support: no verdict for an arm whose metric is measured
+    in an upstream space the arm changes (MEASURED_IN), and no "better" that a guard metric contradicts when a
+    degenerate model can flatter the primary one (FLATTERED_BY)."""
     baseline = next((a for a in results.arms if a.name == results.baseline), None)
     if baseline is None:
         return
     baseline.is_baseline = True
-    if results.primary is None or results.mode not in ("min", "max") or not baseline.primary_values(results.primary):
+    primary = results.primary
+    if primary is None or results.mode not in ("min", "max") or not baseline.primary_values(primary):
         return
+    results.primary_caveat = next((c for info in trainers if (c := info.caveat(primary))), None)
     compared = [arm for arm in results.arms if arm.stopped is None]    # stopped early: reported apart
-    verdicts = compare_to_baseline({arm.name: arm.primary_values(results.primary) for arm in compared},
+    own_space = {arm.name: why for arm in compared if arm is not baseline
+                 and (why := _changes_measuring_upstream(arm, baseline, primary, trainers))}
+    values = {arm.name: arm.primary_values(primary) for arm in compared}
+    verdicts = compare_to_baseline({name: v for name, v in values.items() if name not in own_space},
                                    baseline.name, results.mode)
+    for name, why in own_space.items():
+        verdict = compare_to_baseline({baseline.name: values[baseline.name], name: values[name]},
+                                      baseline.name, results.mode)[name]
+        verdict.p_value = verdict.p_adjusted = None
+        verdict.verdict = "inconclusive"
+        verdict.note = "; ".join(note for note in (why, verdict.note) if note)
+        verdicts[name] = verdict
+    flattered = next((info.flattered_by[primary] for info in trainers if primary in info.flattered_by), None)
+    if flattered is not None:
+        what, guards = flattered
+        check_guards(verdicts, primary, what,
+                     {g: (results.metrics.get(g) or _declared_mode(trainers, g),
+                          {arm.name: arm.primary_values(g) for arm in compared}) for g in guards},
+                     baseline.name)
     for arm in compared:
         arm.verdict = verdicts[arm.name]
+
+
+def _declared_mode(trainers: list[TrainerInfo], metric: str) -> str:
+    return next(info.metrics[metric] for info in trainers if metric in info.metrics)
+
+
+def _changes_measuring_upstream(arm: ArmResult, baseline: ArmResult, metric: str,
+                                trainers: list[TrainerInfo]) -> str | None:
+    """Why `arm` gets no verdict on `metric`, which is measured in an upstream's own space (a tokenizer's codes, an
+    autoencoder's latents), when seeds of the arm and the baseline use different runs of that upstream."""
+    for info in trainers:
+        field_name = info.measured_in.get(metric)
+        if field_name is None or field_name not in info.upstream:
+            continue
+        dir_field = info.upstream[field_name].dir_field
+        ours = {s.row["seed"]: json.loads(s.row["upstream_ids"] or "{}").get(dir_field) for s in arm.succeeded}
+        theirs = {s.row["seed"]: json.loads(s.row["upstream_ids"] or "{}").get(dir_field) for s in baseline.succeeded}
+        if any(ours[seed] != theirs[seed] for seed in set(ours) & set(theirs)):
+            return (f"not comparable: {metric} is measured in the {field_name}'s own space, and this arm trains "
+                    f"another {field_name} than {baseline.name}")
+    return None
 
 
 def hardware_warning(arms: list[ArmResult]) -> str | None:

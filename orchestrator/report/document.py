@@ -32,6 +32,8 @@ def answer_lines(results: StudyResults) -> list[str]:
     lines = [f"{results.primary} ({DIRECTION_WORDS[results.mode]}), each arm against {results.baseline} on "
              f"paired seeds: mean difference with its {CONFIDENCE:.0%} t interval, wins, n, "
              f"p Holm-adjusted over {tested} arm{'s' if tested != 1 else ''}; decided where p < {ALPHA}."]
+    if results.primary_caveat:
+        lines.append(f"Caution: {results.primary_caveat}.")
     for verdict, label in VERDICT_GROUPS:
         arms = [arm for arm in compared if arm.verdict.verdict == verdict]
         lines.append(f"{label}: " + ("; ".join(_answer_item(arm) for arm in arms) if arms else "none"))

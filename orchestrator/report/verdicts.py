@@ -88,6 +88,33 @@ def compare_to_baseline(values: dict[str, dict[int, float]], baseline: str, mode
     return verdicts
 
 
+def check_guards(verdicts: dict[str, Verdict], primary: str, flattered_by: str,
+                 guards: dict[str, tuple[str, dict[str, dict[int, float]]]], baseline: str,
+                 alpha: float = ALPHA) -> None:
+    """Demote to "inconclusive" an arm called better on a primary metric that a degenerate model can flatter (what
+    flatters it: `flattered_by`) when a guard metric shows it worse than the baseline. `guards`: guard metric ->
+    (its mode, arm -> seed -> value). Each guard is the same paired t-test, two-sided, not Holm-adjusted: it
+    checks one claim, and erring there costs a "better", never a false one."""
+    for arm, verdict in verdicts.items():
+        if verdict.verdict != "better":
+            continue
+        for guard, (mode, values) in guards.items():
+            if not values.get(arm) or not values.get(baseline):
+                verdict.note = _joined(verdict.note, f"not checked against {guard}: not reported")
+                continue
+            check = compare_to_baseline({baseline: values[baseline], arm: values[arm]}, baseline, mode, alpha)[arm]
+            if check.verdict == "worse":
+                verdict.verdict = "inconclusive"
+                verdict.note = _joined(f"better on {primary} but worse on {guard} ({check.diff_mean:+.3g}, "
+                                       f"p={check.p_value:.2g}, n={check.n}), and {primary} is flattered by "
+                                       f"{flattered_by}", verdict.note)
+                break
+
+
+def _joined(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
+
+
 def holm(p_values: dict[str, float]) -> dict[str, float]:
     """Holm's step-down adjustment: the i-th smallest of m p-values becomes max over j <= i of (m - j + 1) p_(j),
     capped at 1. Rejecting where the adjusted p < alpha keeps the family-wise error rate at alpha or below."""
