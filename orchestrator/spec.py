@@ -472,6 +472,15 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
     problem = plan_problem(study.early_stop, {v.name: v.config for v in variants}, study.baseline)
     if problem:
         raise SpecError(f"{where.at(('early_stop',) + problem[0])}: early_stop.{problem[0][0]}: {problem[1]}")
+    stopping = [rule for rule, on in (("decided", study.early_stop.decided),
+                                      ("halving", study.early_stop.halving is not None)) if on]
+    caveat = next((c for info in {v.trainer.name: v.trainer for v in variants}.values()
+                   if (c := info.caveat(study.metric.name))), None)
+    if stopping and caveat:
+        raise SpecError(f"{where.at(('early_stop', stopping[0]))}: early_stop.{stopping[0]} ranks arms by the primary "
+                        f"metric, and {caveat}: a stop could end the arm that is really better. Choose a primary "
+                        f"metric without such a caution (validate prints none for kid_scratchenc) or drop "
+                        f"early_stop.{stopping[0]}")
 
     shared = _study_upstreams(variants, study.baseline)
     planned: dict[str, PlannedUpstream] = {}

@@ -132,3 +132,17 @@ def test_validate_prints_the_early_stop_plan(tmp_path):
     assert out.index("early stop (decided)") < out.index("resources per arm run")
     result = armature(tmp_path / "home", "validate", str(plain), timeout=120)
     assert result.returncode == 0 and "early stop" not in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("rule", ["{decided: true}", "{halving: {grace_steps: 10, reduction_factor: 2}}"])
+def test_early_stopping_on_a_metric_a_degenerate_model_can_flatter_is_refused(tmp_path, rule):
+    """A stop or a halving rung ranks arms by the primary metric; on a VAE's `kl` (posterior collapse wins) it
+    could end the arm that is really better. The same study without early_stop, or on recon_mse, is fine."""
+    on_kl = SPEC.replace("trainer: vqvae", "trainer: vae").replace("recon_mse, mode: min", "kl, mode: min") \
+        .replace("lr: 1.0e-4", "geco_alpha: 0.5")
+    assert load_plan(tiny_spec(tmp_path, on_kl))
+    result = armature(tmp_path / "home", "validate",
+                      str(tiny_spec(tmp_path, on_kl.replace("seeds: 3", f"seeds: 3\nearly_stop: {rule}"))))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "kl is flattered by posterior collapse" in result.stderr and "a stop could end" in result.stderr
+    assert load_plan(tiny_spec(tmp_path, SPEC.replace("seeds: 3", f"seeds: 3\nearly_stop: {rule}")))
