@@ -164,6 +164,8 @@ def test_swd_hides_a_global_shift_that_kid_sees(evaluator, data):
 def test_collapsed_generator(evaluator, data):
     _, ho, _ = data
     r = evaluator(ho[:1].repeat(256, 1, 1, 1))
+    assert r["precision_scratchenc"] >= 0.9, "mode collapse flatters precision (FLATTERED_BY says so)"
+    assert "recall_scratchenc" in M.FLATTERED_BY["precision_scratchenc"][1]
     assert r["diversity_gap"] == math.inf
     assert r["recall_scratchenc"] < 0.02
     assert r["coverage_scratchenc"] < 0.1
