@@ -12,6 +12,7 @@ from orchestrator.errors import UserError
 from orchestrator.ledger import Ledger
 from orchestrator.report.verdicts import ALPHA
 from orchestrator.spec import Plan, PlannedUpstream, flatten
+from orchestrator.trainer_registry import metric_caveat
 
 
 def arm_changes(plan: Plan) -> dict[str, str]:
@@ -140,9 +141,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     memory = f", {res.gpu_memory_gb} GB GPU memory" if res.gpu_memory_gb else ""
     console.print(f"resources per arm run: {res.gpus:g} GPU, {res.cpus:g} CPU{memory} "
                   f"(CPU only where there is no GPU); primary metric {study.metric.name} ({study.metric.mode})")
-    caveat = next((c for info in {i.name: i for i in plan.trainers.values()}.values()
-                   if (c := info.caveat(study.metric.name))), None)
-    if caveat:
+    if caveat := metric_caveat(plan.trainers.values(), study.metric.name):
         console.print(f"caution: {caveat}", soft_wrap=True, markup=False, highlight=False)
     est = estimate(plan, res.gpus)
     if est is not None:

@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.backends.provision import PROVIDER_SECTIONS, section_model
 from orchestrator.errors import SpecError
 from orchestrator.telemetry.watchdog import WatchdogConfig
-from orchestrator.trainer_registry import TrainerInfo, load_trainer
+from orchestrator.trainer_registry import TrainerInfo, load_trainer, metric_caveat
 from orchestrator.yamlsafe import Lines, line_of, load_yaml, loads_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.=@+-]*$"
@@ -474,8 +474,7 @@ def load_plan(path: str | Path, sets: list[str] = (), yes: bool = False) -> Plan
         raise SpecError(f"{where.at(('early_stop',) + problem[0])}: early_stop.{problem[0][0]}: {problem[1]}")
     stopping = [rule for rule, on in (("decided", study.early_stop.decided),
                                       ("halving", study.early_stop.halving is not None)) if on]
-    caveat = next((c for info in {v.trainer.name: v.trainer for v in variants}.values()
-                   if (c := info.caveat(study.metric.name))), None)
+    caveat = metric_caveat([v.trainer for v in variants], study.metric.name)
     if stopping and caveat:
         raise SpecError(f"{where.at(('early_stop', stopping[0]))}: early_stop.{stopping[0]} ranks arms by the primary "
                         f"metric, and {caveat}: a stop could end the arm that is really better. Choose a primary "

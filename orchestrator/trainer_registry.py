@@ -49,6 +49,11 @@ class TrainerInfo:
         return "; ".join(parts) or None
 
 
+def metric_caveat(trainers, metric: str) -> str | None:
+    """The first caveat any of `trainers` (TrainerInfo) declares for `metric`; None when none does."""
+    return next((caveat for info in trainers if (caveat := info.caveat(metric))), None)
+
+
 def available_trainers() -> list[str]:
     names = []
     for file in sorted((REPO_ROOT / "trainers").glob("*.py")):

@@ -21,7 +21,7 @@ import yaml
 from orchestrator.errors import UserError
 from orchestrator.ledger import ACTIVE_STATES, Ledger
 from orchestrator.report.verdicts import Verdict, check_guards, compare_to_baseline
-from orchestrator.trainer_registry import TrainerInfo, load_trainer
+from orchestrator.trainer_registry import TrainerInfo, load_trainer, metric_caveat
 
 BROKEN_STATES = ("failed", "diverged", "cancelled")
 STATE_ORDER = ("succeeded", "diverged", "failed", "cancelled", "pending") + ACTIVE_STATES
@@ -288,7 +288,7 @@ def _compare_with_baseline(results: StudyResults, trainers: list[TrainerInfo]) -
     primary = results.primary
     if primary is None or results.mode not in ("min", "max") or not baseline.primary_values(primary):
         return
-    results.primary_caveat = next((c for info in trainers if (c := info.caveat(primary))), None)
+    results.primary_caveat = metric_caveat(trainers, primary)
     compared = [arm for arm in results.arms if arm.stopped is None]    # stopped early: reported apart
     own_space = {arm.name: why for arm in compared if arm is not baseline
                  and (why := _changes_measuring_upstream(arm, baseline, primary, trainers))}
