@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from orchestrator.trainer_registry import arms_on_other_upstreams, load_trainer, measuring_upstream
+
 
 @dataclass
 class Round:
@@ -35,6 +37,18 @@ def round_values(arm_runs: list[dict], metric: str, exclude: set[str] | frozense
                 values[row["arm"]][row["seed"]] = float(value)
                 break
     return values, planned
+
+
+def arms_without_verdict(arm_runs: list[dict], metric: str, baseline: str) -> tuple[set[str], str]:
+    """Arms that can get no verdict on `metric` whatever their seeds (it is measured in an upstream's space, and
+    they train another run of that upstream than the baseline), and why; more seeds would buy them nothing."""
+    trainers = [load_trainer(name) for name in dict.fromkeys(r["trainer"] for r in arm_runs if r["kind"] == "arm")]
+    measured_in = measuring_upstream(trainers, metric)
+    if measured_in is None:
+        return set(), ""
+    arms = arms_on_other_upstreams(arm_runs, baseline, measured_in[1])
+    return arms, (f"no seed added to {', '.join(sorted(arms))}: no verdict on {metric}, which is measured in the "
+                  f"{measured_in[0]} they change")
 
 
 def next_round(values: dict[str, dict[int, float]], planned: dict[str, list[int]], baseline: str, mode: str,

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.adaptive import Round, next_round, over_budget, round_values
+from orchestrator.adaptive import Round, arms_without_verdict, next_round, over_budget, round_values
 from orchestrator.backends.base import AttemptResult, AttemptSpec, Backend
 from orchestrator.backends.provision import capabilities
 from orchestrator.cost.energy import RaplMeter
@@ -187,8 +187,11 @@ class Scheduler:
         if self._seeds_settled:
             return False
         stopped = set(self.early_stopper.stopped) if self.early_stopper is not None else set()
-        values, planned = round_values(arm_runs, self.study.metric.name, exclude=stopped)
+        no_verdict, why = arms_without_verdict(arm_runs, self.study.metric.name, self.study.baseline)
+        values, planned = round_values(arm_runs, self.study.metric.name, exclude=stopped | no_verdict)
         step = next_round(values, planned, self.study.baseline, self.study.metric.mode, self.study.max_seeds)
+        if no_verdict:
+            step.reason += f"; {why}"
         if self.study.budget.max_dollars is not None:
             from orchestrator.cost.model import current_spend
             finished = sum(1 for r in arm_runs if r["kind"] == "arm")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import json
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -52,6 +53,26 @@ class TrainerInfo:
 def metric_caveat(trainers, metric: str) -> str | None:
     """The first caveat any of `trainers` (TrainerInfo) declares for `metric`; None when none does."""
     return next((caveat for info in trainers if (caveat := info.caveat(metric))), None)
+
+
+def measuring_upstream(trainers, metric: str) -> tuple[str, str] | None:
+    """(config field, its dir field) of the upstream in whose space `metric` is measured (MEASURED_IN); None when
+    it is measured on the trainer's own output."""
+    for info in trainers:
+        name = info.measured_in.get(metric)
+        if name is not None and name in info.upstream:
+            return name, info.upstream[name].dir_field
+    return None
+
+
+def arms_on_other_upstreams(arm_runs: list[dict], baseline: str, dir_field: str) -> set[str]:
+    """Arms (from ledger arm_runs rows) whose seed k uses another run of the upstream in `dir_field` than the
+    baseline's seed k: a metric measured in that upstream's space cannot compare them with the baseline."""
+    def used(row):
+        return json.loads(row["upstream_ids"] or "{}").get(dir_field)
+    theirs = {row["seed"]: used(row) for row in arm_runs if row["arm"] == baseline and row["kind"] == "arm"}
+    return {row["arm"] for row in arm_runs if row["kind"] == "arm" and row["arm"] != baseline
+            and row["seed"] in theirs and used(row) != theirs[row["seed"]]}
 
 
 def available_trainers() -> list[str]:

@@ -2,7 +2,7 @@
 
 import json
 
-from orchestrator.adaptive import Round, next_round, over_budget, round_values
+from orchestrator.adaptive import Round, arms_without_verdict, next_round, over_budget, round_values
 from tests.armature_helpers import armature, ledger, tiny_spec
 
 BASELINE = {0: 1.00, 1: 1.10, 2: 0.90}
@@ -127,3 +127,20 @@ def test_an_open_arm_gets_another_seed_and_a_decided_one_does_not(tmp_path):
         ("seeds.add", "seed 3 added to arm same (and the baseline a): inconclusive after 3 seeds"),
         ("seeds.done", "same still inconclusive at the maximum of 4 seeds")]
     assert db.get_run("ad")["state"] == "finished"
+
+
+def test_arms_that_can_get_no_verdict_get_no_more_seeds():
+    """MaskGIT's masked accuracy is measured in the tokenizer's codes: an arm training its own tokenizer gets no
+    verdict on it however many seeds it has, so an adaptive round leaves it out and says why."""
+    def row(arm, seed, tokenizer, value):
+        return {"arm": arm, "seed": seed, "kind": "arm", "trainer": "maskgit", "state": "succeeded",
+                "upstream_ids": json.dumps({"tokenizer_dir": tokenizer, "judge_dir": 100 + seed}),
+                "summary_json": json.dumps({"heldout_masked_acc": value}), "last_metrics_json": None}
+    rows = [row(arm, s, tok + s, value + 0.01 * (s % 2)) for s in range(3)
+            for arm, tok, value in (("baseline", 10, 0.1), ("small-codebook", 20, 0.1), ("deeper", 10, 0.1))]
+    no_verdict, why = arms_without_verdict(rows, "heldout_masked_acc", "baseline")
+    assert no_verdict == {"small-codebook"} and "no verdict on heldout_masked_acc" in why
+    values, planned = round_values(rows, "heldout_masked_acc", exclude=no_verdict)
+    step = next_round(values, planned, "baseline", "max", max_seeds=5)
+    assert step.seed == 3 and step.arms == ["baseline", "deeper"]
+    assert arms_without_verdict(rows, "kid_scratchenc", "baseline") == (set(), "")

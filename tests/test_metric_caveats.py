@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.ledger import Ledger
 from orchestrator.report import write_report
-from orchestrator.trainer_registry import available_trainers, load_trainer
+from orchestrator.trainer_registry import arms_on_other_upstreams, available_trainers, load_trainer, measuring_upstream
 
 RUN_ID = "caveats"
 SEEDS = range(4)
@@ -90,3 +90,14 @@ def test_every_caveat_names_metrics_and_upstreams_the_trainer_has(name):
         assert metric not in guards
     for metric, upstream_field in info.measured_in.items():
         assert metric in info.metrics and upstream_field in info.upstream, metric
+
+
+def test_arms_on_other_upstreams_are_found_seed_by_seed_from_the_ledger_rows():
+    def row(arm, seed, tokenizer, kind="arm"):
+        return {"arm": arm, "seed": seed, "kind": kind, "upstream_ids": json.dumps({"tokenizer_dir": tokenizer})}
+    rows = [row("baseline", 0, 1), row("baseline", 1, 2), row("deeper", 0, 1), row("deeper", 1, 2),
+            row("small-codebook", 0, 3), row("small-codebook", 1, 4), row("tok", 0, None, kind="upstream"),
+            row("late", 2, 9)]                           # a seed the baseline does not have: nothing to pair
+    assert arms_on_other_upstreams(rows, "baseline", "tokenizer_dir") == {"small-codebook"}
+    assert measuring_upstream([load_trainer("maskgit")], "heldout_masked_acc") == ("tokenizer", "tokenizer_dir")
+    assert measuring_upstream([load_trainer("maskgit")], "kid_scratchenc") is None

@@ -21,7 +21,8 @@ import yaml
 from orchestrator.errors import UserError
 from orchestrator.ledger import ACTIVE_STATES, Ledger
 from orchestrator.report.verdicts import Verdict, check_guards, compare_to_baseline
-from orchestrator.trainer_registry import TrainerInfo, load_trainer, metric_caveat
+from orchestrator.trainer_registry import (TrainerInfo, arms_on_other_upstreams, load_trainer, measuring_upstream,
+                                          metric_caveat)
 
 BROKEN_STATES = ("failed", "diverged", "cancelled")
 STATE_ORDER = ("succeeded", "diverged", "failed", "cancelled", "pending") + ACTIVE_STATES
@@ -290,8 +291,13 @@ def _compare_with_baseline(results: StudyResults, trainers: list[TrainerInfo]) -
         return
     results.primary_caveat = metric_caveat(trainers, primary)
     compared = [arm for arm in results.arms if arm.stopped is None]    # stopped early: reported apart
-    own_space = {arm.name: why for arm in compared if arm is not baseline
-                 and (why := _changes_measuring_upstream(arm, baseline, primary, trainers))}
+    own_space = {}
+    if (measured_in := measuring_upstream(trainers, primary)) is not None:
+        field_name, dir_field = measured_in
+        rows = [seed.row for arm in compared for seed in arm.succeeded]
+        own_space = {name: f"not comparable: {primary} is measured in the {field_name}'s own space, and this arm "
+                           f"trains another {field_name} than {baseline.name}"
+                     for name in arms_on_other_upstreams(rows, baseline.name, dir_field)}
     values = {arm.name: arm.primary_values(primary) for arm in compared}
     verdicts = compare_to_baseline({name: v for name, v in values.items() if name not in own_space},
                                    baseline.name, results.mode)
@@ -315,23 +321,6 @@ def _compare_with_baseline(results: StudyResults, trainers: list[TrainerInfo]) -
 
 def _declared_mode(trainers: list[TrainerInfo], metric: str) -> str:
     return next(info.metrics[metric] for info in trainers if metric in info.metrics)
-
-
-def _changes_measuring_upstream(arm: ArmResult, baseline: ArmResult, metric: str,
-                                trainers: list[TrainerInfo]) -> str | None:
-    """Why `arm` gets no verdict on `metric`, which is measured in an upstream's own space (a tokenizer's codes, an
-    autoencoder's latents), when seeds of the arm and the baseline use different runs of that upstream."""
-    for info in trainers:
-        field_name = info.measured_in.get(metric)
-        if field_name is None or field_name not in info.upstream:
-            continue
-        dir_field = info.upstream[field_name].dir_field
-        ours = {s.row["seed"]: json.loads(s.row["upstream_ids"] or "{}").get(dir_field) for s in arm.succeeded}
-        theirs = {s.row["seed"]: json.loads(s.row["upstream_ids"] or "{}").get(dir_field) for s in baseline.succeeded}
-        if any(ours[seed] != theirs[seed] for seed in set(ours) & set(theirs)):
-            return (f"not comparable: {metric} is measured in the {field_name}'s own space, and this arm trains "
-                    f"another {field_name} than {baseline.name}")
-    return None
 
 
 def hardware_warning(arms: list[ArmResult]) -> str | None:
