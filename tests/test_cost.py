@@ -557,10 +557,16 @@ def test_reconcile_against_the_vast_simulator(tmp_path, ledger):
         assert fetch_provider_charges(vast, ledger, "sim1") == []   # nothing changed: nothing duplicated
 
     checks = {c.instance_id: c for c in reconcile(ledger, "sim1")}
-    # The simulator starts billing after it has prepared the box (host keys: a few tenths of a second
-    # on a busy machine) while the ledger counts from the create request: within the $0.01 tolerance.
-    assert checks[faithful].estimated_dollars > 0.02 and abs(checks[faithful].difference) < 0.01
-    assert not checks[faithful].flagged and checks[faithful].status == "ok"
+    # The faithful box is billed what the ledger estimates, to within a second of GPU ($0.01). It lives about
+    # 3 s, so 1% is 33 ms: the 20-ms poll and API round trip that date `ready_at` can pass that on a busy
+    # machine, and then the difference is flagged with that reason (any difference over 1% is).
+    faithful_check = checks[faithful]
+    assert faithful_check.estimated_dollars > 0.02 and abs(faithful_check.difference) < 0.01
+    if abs(faithful_check.relative_difference) <= 0.01:
+        assert not faithful_check.flagged and faithful_check.status == "ok"
+    else:
+        assert faithful_check.flagged and "by the poll that saw it" in faithful_check.reason, \
+            faithful_check
     assert checks[preempted].flagged and checks[preempted].difference < -0.01
     text = cost_command(ledger, console_width=140)
     assert "Billed vs estimate" in text and "MISMATCH" in text
