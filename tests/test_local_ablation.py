@@ -25,7 +25,7 @@ resources: {{gpus: 0, cpus: 1}}
 
 # Long enough to interrupt mid-way (a tiny step takes about 7 ms, and the driver sees a step and forwards a
 # signal a second or two late on a loaded machine); checkpoints often so the resume point is recent.
-LONG_STEPS = 800
+LONG_STEPS = 600
 LONG_ARMS = TWO_ARMS.replace("steps: 20,", f"steps: {LONG_STEPS},") \
     .replace("checkpoint_every: 10", "checkpoint_every: 20").replace("eval_every: 10", "eval_every: 200") \
     .replace("seeds: 2", "seeds: 1")

@@ -13,7 +13,7 @@ from infra.vastsim.instances import descendants
 from tests.armature_helpers import (TINY_VQVAE_BASE, armature, ledger, start_armature, tiny_spec,
                                     wait_for)
 
-STEPS = 800                 # a tiny step is ~7 ms: the trainer must outlive the time Ray takes to fall
+STEPS = 600                 # a tiny step is ~7 ms: the trainer must outlive the time Ray takes to fall
 LONG = f"""name: raydown
 trainer: vqvae
 metric: {{name: recon_mse, mode: min}}

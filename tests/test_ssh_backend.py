@@ -210,7 +210,7 @@ def test_ablation_on_two_hosts_survives_one_going_away(tmp_path, hosts, client_k
     path = tiny_spec(tmp_path, f"""name: mine
 trainer: vqvae
 metric: {{name: recon_mse, mode: min}}
-base: {{steps: 500, eval_every: 500, checkpoint_every: 20, log_every: 10, batch_size: 16,
+base: {{steps: 400, eval_every: 400, checkpoint_every: 20, log_every: 10, batch_size: 16,
         data.num_train: 128, data.num_heldout: 32}}
 arms:
   - name: base
@@ -259,7 +259,7 @@ ssh: {section}
     resumed = db.query("SELECT MIN(step) AS first FROM metrics WHERE attempt_id=?", (attempts[-1]["id"],))[0]
     assert resumed["first"] > 20, "the retry resumed from the pulled checkpoint, not from step 0"
     steps = metric_steps(home / "own" / arm_on_b / "seed0")
-    assert steps == sorted(set(steps)) and steps[-1] == 500
+    assert steps == sorted(set(steps)) and steps[-1] == 400
     assert (home / "own" / arm_on_b / "seed0" / "summary.json").exists()
     assert "results.md" in os.listdir(home / "own")
     assert db.query("SELECT * FROM instances") == [] and db.query("SELECT * FROM charges") == [], "nothing billed"
