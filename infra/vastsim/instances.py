@@ -90,6 +90,15 @@ def find_marked_pids(markers: dict[str, str]) -> list[int]:
 PF_KTHREAD = 0x00200000         # /proc/<pid>/stat flags: a kernel thread, which has no environment
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat after "pid (comm)": [state, ppid, pgrp, session, tty, tpgid, flags, ...]; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _environ(pid: int, attempts: int = 25) -> bytes:
     """The environment of `pid` (b"" if gone). A process in the middle of an exec (a detached `setsid nohup cmd`
     just started) reads as empty until the kernel has laid out its new stack: read again rather than miss it."""
@@ -97,14 +106,13 @@ def _environ(pid: int, attempts: int = 25) -> bytes:
         try:
             with open(f"/proc/{pid}/environ", "rb") as handle:
                 environ = handle.read()
-            if environ:
-                return environ
-            with open(f"/proc/{pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()     # "pid (comm) state ppid ... flags ..."
         except OSError:
             return b""
-        if fields[0] in ("Z", "X") or int(fields[6]) & PF_KTHREAD:
-            return b""                                  # a zombie or a kernel thread: empty for good
+        if environ:
+            return environ
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] in ("Z", "X") or int(fields[6]) & PF_KTHREAD:
+            return b""                                  # gone, a zombie or a kernel thread: empty for good
         time.sleep(0.002)
     return b""
 
@@ -129,9 +137,9 @@ def sigkill(pids) -> list[int]:
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
         except ProcessLookupError:
-            pass
+            continue                    # already gone
+        killed.append(pid)
     return killed
 
 
@@ -140,11 +148,8 @@ def wait_dead(pids, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     for pid in pids:
         while time.monotonic() < deadline:
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    if handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                        break
-            except OSError:
+            fields = _stat_fields(pid)
+            if fields is None or fields[0] in ("Z", "X"):
                 break
             time.sleep(0.01)
 
@@ -154,13 +159,8 @@ def descendants(pid: int) -> list[int]:
     hide the markers of their environment, so they are found by parentage)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])     # "pid (comm) state ppid ..."
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit() and (fields := _stat_fields(entry.name)) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):

@@ -312,15 +312,10 @@ def _compare_with_baseline(results: StudyResults, trainers: list[TrainerInfo]) -
     if flattered is not None:
         what, guards = flattered
         check_guards(verdicts, primary, what,
-                     {g: (results.metrics.get(g) or _declared_mode(trainers, g),
-                          {arm.name: arm.primary_values(g) for arm in compared}) for g in guards},
+                     {g: (results.metrics[g], {arm.name: arm.primary_values(g) for arm in compared}) for g in guards},
                      baseline.name)
     for arm in compared:
         arm.verdict = verdicts[arm.name]
-
-
-def _declared_mode(trainers: list[TrainerInfo], metric: str) -> str:
-    return next(info.metrics[metric] for info in trainers if metric in info.metrics)
 
 
 def hardware_warning(arms: list[ArmResult]) -> str | None:
